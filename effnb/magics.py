@@ -1,0 +1,139 @@
+"""``%efficient`` and ``%%efficient``: thin parsers over the API, one registry of subcommands.
+
+User mistakes (an undefined variable, an object that is not a model, an unknown command or option,
+a bad value) reach the notebook as one ``UsageError`` line with no traceback. No torch import here.
+"""
+
+from __future__ import annotations
+
+import html
+import shlex
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import HTML, display
+
+from . import commands as _commands
+
+PROG = "%efficient"
+
+
+def _store_value(result):
+    """What ``-o NAME`` stores: the new model of a technique's Result, else the object itself."""
+    from .report import Result
+
+    return result.model if isinstance(result, Result) else result
+
+
+@magics_class
+class EfficientMagics(Magics):
+    """Magics for effnb: ``%efficient COMMAND ...`` and the cell magic ``%%efficient``."""
+
+    def _resolve_model(self, token: str):
+        ns = self.shell.user_ns
+        if token in ns:
+            obj = ns[token]
+            import torch
+
+            if not isinstance(obj, torch.nn.Module):
+                raise UsageError(f"{token!r} is a {type(obj).__name__}, not a model (a torch.nn.Module)")
+            return obj
+        from .models import EMBEDDED_MODELS, load_model, unknown_model_message
+
+        if token in EMBEDDED_MODELS or "/" in token or token.endswith(".gguf"):
+            try:
+                return load_model(token)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(str(exc)) from None
+        if token.isidentifier():
+            raise UsageError(f"name {token!r} is not defined in the notebook, and it is not an embedded model "
+                             f"({', '.join(EMBEDDED_MODELS)})")
+        raise UsageError(unknown_model_message(token))
+
+    @line_magic
+    def efficient(self, line: str):
+        """Efficiency in one line. ``%efficient help`` lists the commands."""
+        try:
+            argv = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"cannot parse the line: {exc}") from None
+        if not argv or argv[0] in ("help", "-h", "--help"):
+            try:
+                print(_commands.help_text(argv[1] if len(argv) > 1 else None, PROG))
+            except _commands.CommandError as exc:
+                raise UsageError(str(exc)) from None
+            return None
+        try:
+            cmd = _commands.get_command(argv[0])
+            ns = _commands.parse(cmd, argv[1:], f"{PROG} {cmd.name}")
+            if ns is None:  # --help was printed
+                return None
+            result = _commands.run(cmd, ns, self._resolve_model)
+        except _commands.CommandError as exc:
+            raise UsageError(str(exc)) from None
+        self.shell.user_ns["_efficient"] = result
+        if ns.output:
+            if not ns.output.isidentifier():
+                raise UsageError(f"-o needs a Python variable name, got {ns.output!r}")
+            self.shell.user_ns[ns.output] = _store_value(result)
+        if ns.json:
+            report = getattr(result, "report", result)
+            if not hasattr(report, "to_json"):
+                raise UsageError(f"--json: the {cmd.name} command gives no report to write")
+            report.to_json(ns.json)
+        if not ns.quiet:
+            display(result)
+        return None
+
+    @cell_magic("efficient")
+    def efficient_cell(self, line: str, cell: str):
+        """Measure the cell: wall time, peak memory (CPU, and CUDA when in use), energy where measurable.
+
+        Options: ``-o NAME`` stores the measurements (a dict), ``-q`` shows nothing.
+        """
+        try:
+            argv = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"cannot parse the line: {exc}") from None
+        output, quiet = None, False
+        it = iter(argv)
+        for tok in it:
+            if tok in ("-q", "--quiet"):
+                quiet = True
+            elif tok in ("-o", "--output"):
+                output = next(it, None)
+                if output is None or not output.isidentifier():
+                    raise UsageError(f"-o needs a Python variable name, got {output!r}")
+            else:
+                raise UsageError(f"%%efficient: unknown option {tok!r}; options: -o NAME, -q")
+        from .measure.core import measure_region
+
+        with measure_region() as m:
+            outcome = self.shell.run_cell(cell)
+        m["cell_succeeded"] = bool(outcome.success)
+        if output:
+            self.shell.user_ns[output] = m
+        if not quiet:
+            display(HTML(_region_html(m)))
+        return None
+
+
+def _region_html(m: dict) -> str:
+    def mb(b):
+        return "—" if b is None else f"{b / 1e6:,.1f} MB"
+
+    energy = (f"{m['energy_joules']:.3g} J ({m['energy_method']})" if m.get("energy_joules") is not None
+              else f"not measured ({m.get('energy_reason')})")
+    rows = [("wall time", f"{m['wall_s'] * 1e3:,.1f} ms"),
+            ("peak memory (CPU, rise during the cell)", mb(m["cpu_peak_bytes"]))]
+    if m.get("gpu_peak_bytes") is not None:
+        rows.append(("peak memory (CUDA, rise during the cell)", mb(m["gpu_peak_bytes"])))
+    rows.append(("energy", energy))
+    body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    note = "one run; peak memory method: " + m["cpu_peak_method"] + ("" if m.get("cell_succeeded", True) else "; the cell raised")
+    return f"<table class='effnb-cell'>{body}</table><p style='font-size:smaller;color:#666'>{html.escape(note)}</p>"
+
+
+def load_ipython_extension(ipython) -> None:  # ``%load_ext effnb.magics`` works too
+    ipython.register_magics(EfficientMagics)
+

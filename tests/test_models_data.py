@@ -104,3 +104,20 @@ def test_resolve_text_accepts_string_file_and_list(tmp_path):
         data.resolve_text("   ")
     with pytest.raises(TypeError, match="text must be a string, a file path or a list of strings, got int"):
         data.resolve_text(3)
+
+
+def test_function_and_subpackage_of_the_same_name_both_work():
+    # `effnb.moe` / `effnb.lora` are functions and subpackages; importing the subpackage first
+    # (as any `from effnb.moe import ...` does) must not hide the function.
+    code = ("import effnb, effnb.moe.api, effnb.lora.api\n"
+            "from effnb.moe import moe_stats\n"
+            "assert callable(effnb.moe) and callable(effnb.lora), (effnb.moe, effnb.lora)\n"
+            "assert effnb.moe.api.moe is not None and moe_stats is effnb.moe_stats\n"
+            "m = effnb.load_model('tiny-llama')\n"
+            "try:\n"
+            "    effnb.moe(m, experts=4, top_k=0)\n"
+            "except ValueError as exc:\n"
+            "    print('ValueError', 'top_k' in str(exc))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ValueError True"  # the call reached effnb.moe.api.moe

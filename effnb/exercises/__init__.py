@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["ExerciseError", "Exercise", "exercise", "check", "hint", "solution", "show_solutions",
-           "list_exercises", "TOPICS"]
+           "list_exercises", "TOPICS", "as_number", "close_to", "report_row"]
 
 # topic -> module effnb.exercises.<topic>; a key is "<topic>.<name>"
 TOPICS = ("quickstart", "baseline", "quant", "lora", "moe", "kernels", "capstone")
@@ -152,3 +152,39 @@ def list_exercises(topic: str | None = None) -> list[str]:
         raise ValueError(f"unknown topic {topic!r}{more} Topics: {', '.join(TOPICS)}")
     _load_all()
     return sorted(k for k in _REGISTRY if topic is None or k.startswith(topic + "."))
+
+
+# ----------------------------------------------------------------------------- helpers for checkers
+
+
+def as_number(answer: Any, what: str = "the answer") -> float:
+    """``answer`` as a float, or an ExerciseError that says what was expected instead."""
+    if isinstance(answer, bool) or answer is None:
+        raise ExerciseError(f"{what} should be a number, got {answer!r}; did you forget to assign `answer`?")
+    try:
+        value = float(answer)
+    except (TypeError, ValueError):
+        raise ExerciseError(f"{what} should be a number, got {type(answer).__name__} {answer!r}") from None
+    if value != value:  # NaN
+        raise ExerciseError(f"{what} is NaN: check for a division by zero or a missing value")
+    return value
+
+
+def close_to(value: float, expected: float, rel: float = 0.01, abs_tol: float = 0.0) -> bool:
+    """True when ``value`` is within ``rel`` (relative) or ``abs_tol`` (absolute) of ``expected``."""
+    return abs(value - expected) <= max(rel * abs(expected), abs_tol)
+
+
+def report_row(report: Any, index: int = 0) -> dict:
+    """Row ``index`` of a Report, a Result, a report dict (``to_dict()``) or a single row dict."""
+    if hasattr(report, "report") and hasattr(report, "model"):  # a Result
+        report = report.report
+    rows = getattr(report, "rows", None)
+    if rows is None and isinstance(report, dict):
+        rows = report.get("variants") or ([report] if "name" in report else None)
+    if not rows:
+        raise TypeError(f"expected an effnb Report (or its to_dict()), got {type(report).__name__}")
+    if index >= len(rows):
+        raise ExerciseError(f"the report has {len(rows)} variant(s); this exercise needs at least {index + 1} "
+                            "(run the comparison cell above first)")
+    return rows[index]

@@ -1,0 +1,228 @@
+"""Run the tutorial notebooks headless and measure each one: wall time and peak memory of its kernel.
+
+    python benchmarks/notebooks.py                      # every notebooks/NN_*.ipynb, default parameters
+    python benchmarks/notebooks.py --ci                 # with each notebook's metadata.effnb.ci_parameters
+    python benchmarks/notebooks.py 00 06 --json out.json --timeout 900 --keep runs/
+
+Each notebook runs in its own ``papermill`` process (a fresh kernel, in a temporary directory). A poller
+samples, every ``--poll`` seconds, the resident memory (RSS) of the kernel's process tree (the kernel and
+anything it starts) and keeps the peak; RSS of several processes is summed, so shared pages count twice
+and the figure is an upper bound. The 2 GB line is Binder's memory limit per session.
+
+``run_notebook`` is also what ``tests/test_notebooks.py`` uses: a notebook-wide time limit (the process
+group is killed, kernel included, so nothing hangs), a dead kernel reported as such, and the failing
+cell named by its index in the committed notebook, its first source line and the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+BINDER_LIMIT_BYTES = 2 * 1024**3  # mybinder.org: 2 GB per session (the limit is 2 GiB in its k8s config)
+_SKIP_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
+
+
+def notebooks(selectors: list[str] | None = None) -> list[Path]:
+    """The course's notebooks (``notebooks/NN_*.ipynb``), optionally only those whose name starts with a selector."""
+    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    if selectors:
+        found = [p for p in found if any(p.name.startswith(s) for s in selectors)]
+    return found
+
+
+def ci_parameters(path: Path) -> dict:
+    """CI-sized parameters from the notebook's metadata (``metadata.effnb.ci_parameters``)."""
+    return json.loads(Path(path).read_text())["metadata"].get("effnb", {}).get("ci_parameters", {})
+
+
+@dataclass
+class RunResult:
+    notebook: str
+    ok: bool
+    wall_s: float
+    peak_rss_bytes: int | None
+    returncode: int | None
+    message: str = ""
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def peak_mb(self) -> float | None:
+        return None if self.peak_rss_bytes is None else self.peak_rss_bytes / 1e6
+
+
+def _tree_rss(proc) -> tuple[int, int]:
+    """(RSS of proc's descendants = the kernel tree, RSS of proc itself)."""
+    import psutil
+
+    kernel = 0
+    try:
+        for child in proc.children(recursive=True):
+            try:
+                kernel += child.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        own = proc.memory_info().rss
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        own = 0
+    return kernel, own
+
+
+def _cell_label(cell: dict, index: int) -> str:
+    first = next((ln for ln in "".join(cell.get("source", "")).splitlines() if ln.strip()), "")
+    return f"cell {index} ({first[:70]!r})"
+
+
+def _diagnose(out_path: Path, stderr: str) -> str:
+    """Which cell failed (index in the committed notebook) and with what error, from papermill's output."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    died = "DeadKernelError" in stderr or "Kernel died" in stderr or "kernel died" in stderr.lower()
+    tail = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
+    try:
+        nb = json.loads(out_path.read_text())
+    except (OSError, ValueError):
+        nb = None
+    if nb is not None:
+        index, unfinished = -1, None
+        for cell in nb["cells"]:
+            if _SKIP_TAGS & set(cell.get("metadata", {}).get("tags", [])):
+                continue
+            index += 1
+            pm = cell.get("metadata", {}).get("papermill", {})
+            errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+            if errors:
+                e = errors[0]
+                return f"{_cell_label(cell, index)} raised {e.get('ename')}: {e.get('evalue')}"
+            if cell["cell_type"] != "code" or unfinished is not None:
+                continue
+            # a cell that never got its reply: papermill marks it "completed" when the kernel died in it
+            no_reply = pm.get("start_time") and "shell.execute_reply" not in cell.get("metadata", {}).get("execution", {})
+            if pm.get("exception") or no_reply or pm.get("status") in ("running", "failed", "pending"):
+                unfinished = _cell_label(cell, index)  # the first code cell that did not complete
+        if unfinished is not None:
+            what = "the kernel died" if died else (tail or "did not complete")
+            return f"{unfinished}: {what}"
+    if died:
+        return f"the kernel died ({tail})"
+    return tail or "papermill failed without a message"
+
+
+def run_notebook(path: Path, parameters: dict | None = None, *, timeout_s: float = 600, cwd: Path | None = None,
+                 out_path: Path | None = None, poll_s: float = 0.25, env: dict | None = None) -> RunResult:
+    """Execute ``path`` with papermill in a child process; measure wall time and peak kernel RSS.
+
+    The whole run is limited to ``timeout_s`` seconds (the process group, kernel included, is killed past
+    it); each cell is also limited to ``timeout_s`` by papermill itself.
+    """
+    import psutil
+
+    path = Path(path)
+    parameters = dict(parameters or {})
+    tmp = None
+    if cwd is None:
+        tmp = tempfile.TemporaryDirectory(prefix=f"effnb-{path.stem}-")
+        cwd = Path(tmp.name)
+    out_path = Path(out_path) if out_path else Path(cwd) / f"{path.stem}.out.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(path), str(out_path), "--cwd", str(cwd), "-k", "python3",
+           "--execution-timeout", str(int(timeout_s)), "--no-progress-bar", "--log-level", "ERROR",
+           "-y", json.dumps(parameters)]
+    run_env = dict(os.environ) | {"TOKENIZERS_PARALLELISM": "false", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    run_env.update(env or {})
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env,
+                        start_new_session=True)
+    peak = 0
+    timed_out = False
+    err_chunks: list[str] = []
+    import threading
+
+    drain = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    drain.start()
+    out_drain = threading.Thread(target=lambda: proc.stdout.read(), daemon=True)
+    out_drain.start()
+    while proc.poll() is None:
+        kernel, _own = _tree_rss(proc)
+        peak = max(peak, kernel)
+        if time.perf_counter() - t0 > timeout_s:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # papermill and its kernel: nothing is left hanging
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            break
+        time.sleep(poll_s)
+    wall = time.perf_counter() - t0
+    drain.join(timeout=5)
+    stderr = "".join(err_chunks)
+    ok = proc.returncode == 0 and not timed_out
+    message = ""
+    if timed_out:
+        message = f"timed out after {timeout_s:.0f} s; " + _diagnose(out_path, "")
+    elif not ok:
+        message = _diagnose(out_path, stderr)
+    if tmp is not None:
+        tmp.cleanup()
+    return RunResult(path.name, ok, wall, peak or None, proc.returncode, message, parameters)
+
+
+def _load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("select", nargs="*", help="notebook name prefixes (e.g. 00 06); default: all")
+    ap.add_argument("--ci", action="store_true", help="use each notebook's metadata.effnb.ci_parameters")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per notebook (default 1200)")
+    ap.add_argument("--poll", type=float, default=0.25, help="seconds between memory samples")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--keep", help="keep each executed notebook and its files in KEEP/<notebook name>/")
+    args = ap.parse_args(argv)
+    paths = notebooks(args.select)
+    if not paths:
+        print(f"no notebooks match {args.select} in {NOTEBOOK_DIR}", file=sys.stderr)
+        return 2
+    import torch  # only for the environment line
+
+    print(f"# {len(paths)} notebook(s), {'CI' if args.ci else 'default'} parameters; "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {_load_average()} (1/5/15 min); "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"{'notebook':28} {'ok':3} {'wall s':>8} {'peak RSS MB':>12} {'< 2 GB':>7}  load after  message")
+    results = []
+    for p in paths:
+        cwd = None
+        if args.keep:
+            cwd = Path(args.keep) / p.stem
+            cwd.mkdir(parents=True, exist_ok=True)
+        res = run_notebook(p, ci_parameters(p) if args.ci else {}, timeout_s=args.timeout, poll_s=args.poll, cwd=cwd)
+        results.append(res)
+        under = "-" if res.peak_rss_bytes is None else ("yes" if res.peak_rss_bytes < BINDER_LIMIT_BYTES else "NO")
+        peak = "-" if res.peak_mb is None else f"{res.peak_mb:,.0f}"
+        print(f"{p.name:28} {'ok' if res.ok else 'NO':3} {res.wall_s:8.1f} {peak:>12} {under:>7}  "
+              f"{_load_average():11} {res.message}", flush=True)
+    total = sum(r.wall_s for r in results)
+    print(f"# total wall time {total:.1f} s ({total / 60:.1f} min); failures: {sum(not r.ok for r in results)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+            "parameters": "ci" if args.ci else "default", "load_average_end": os.getloadavg(),
+            "method": "papermill per notebook, fresh kernel; peak = max over samples of summed RSS of the "
+                      f"kernel process tree, sampled every {args.poll} s",
+            "results": [asdict(r) for r in results]}, indent=2))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

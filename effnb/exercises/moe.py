@@ -1,0 +1,96 @@
+"""Exercises of notebook 04 (Mixture-of-Experts): active share, load per expert, imbalance.
+
+The checkers take the numbers the notebook produced (experts, top_k, the routing of a text), so they
+hold for any model and any machine.
+"""
+
+from __future__ import annotations
+
+from . import ExerciseError, as_number, close_to, exercise
+
+
+def _ints(values, what: str) -> list[int]:
+    if hasattr(values, "tolist"):  # a tensor or an array
+        values = values.tolist()
+    try:
+        flat = []
+        for v in values:
+            flat.extend(v if isinstance(v, (list, tuple)) else [v])
+        return [int(v) for v in flat]
+    except TypeError:
+        raise ExerciseError(f"{what} should be a list of integers, got {type(values).__name__}") from None
+
+
+@exercise(
+    "moe.active_share",
+    prompt="A dense FFN is split into `experts` equal experts and every token is routed to `top_k` of them. "
+           "What fraction of the FFN's weights does one token use (leave the small router out)?",
+    hint="Each expert holds 1/experts of the neurons; a token visits top_k experts.",
+    solution="answer = top_k / experts",
+)
+def _active_share(answer, *, experts, top_k):
+    value = as_number(answer, "the share")
+    expected = top_k / experts
+    if close_to(value, expected, rel=1e-6):
+        return
+    if close_to(value, 100 * expected, rel=1e-6):
+        raise ExerciseError("that is a percentage: give the share as a fraction between 0 and 1")
+    if close_to(value, experts / top_k, rel=1e-6):
+        raise ExerciseError("upside down: the share is the part used (top_k experts) over the whole (experts)")
+    if close_to(value, 1 / experts, rel=1e-6):
+        raise ExerciseError("that is one expert's share; each token visits top_k experts")
+    raise ExerciseError(f"{value:.4g} is not the fraction of the FFN weights one token uses")
+
+
+@exercise(
+    "moe.tokens_per_expert",
+    prompt="`expert_index` holds, for each token, the `top_k` experts it was routed to (shape [tokens, top_k]). "
+           "Count the assignments each of the `experts` experts got, as a list of length `experts`.",
+    hint="Flatten expert_index and count each expert id, including experts that got nothing: "
+         "torch.bincount(..., minlength=experts).",
+    solution="answer = torch.bincount(expert_index.flatten(), minlength=experts).tolist()",
+)
+def _tokens_per_expert(answer, *, expert_index, experts):
+    rows = expert_index.tolist() if hasattr(expert_index, "tolist") else [list(r) for r in expert_index]
+    counts = [0] * experts
+    first = [0] * experts
+    for r in rows:
+        for e in r:
+            counts[e] += 1
+        first[r[0]] += 1
+    got = _ints(answer, "the counts")
+    if got == counts:
+        return
+    if len(got) < experts and got == counts[: len(got)]:
+        raise ExerciseError(f"{len(got)} counts for {experts} experts: experts with no token are missing "
+                            "at the end (bincount needs minlength=experts)")
+    if got == first:
+        raise ExerciseError("those count only each token's first choice; every token has top_k assignments, "
+                            f"so the counts must add up to {sum(counts)}")
+    if len(got) == experts and sum(got) != sum(counts):
+        raise ExerciseError(f"the counts add up to {sum(got)}, but {len(rows)} tokens x top_k={len(rows[0])} "
+                            f"make {sum(counts)} assignments")
+    raise ExerciseError("those are not the assignments per expert; count every expert id in expert_index")
+
+
+@exercise(
+    "moe.imbalance",
+    prompt="`counts` are the assignments per expert of one layer. Compute the load imbalance as the busiest "
+           "expert's load over the mean load (1.0 = perfectly balanced).",
+    hint="max(counts) / (sum(counts) / len(counts)).",
+    solution="answer = max(counts) / (sum(counts) / len(counts))",
+)
+def _imbalance(answer, *, counts):
+    c = _ints(counts, "counts")
+    value = as_number(answer, "the imbalance")
+    mean = sum(c) / len(c)
+    expected = max(c) / mean
+    if close_to(value, expected, rel=1e-6):
+        return
+    if min(c) > 0 and close_to(value, max(c) / min(c), rel=1e-6):
+        raise ExerciseError("that is max / min: the imbalance compares the busiest expert with the mean load")
+    if close_to(value, 1 / expected, rel=1e-6):
+        raise ExerciseError("upside down: busiest load over mean load is at least 1")
+    if close_to(value, max(c) / sum(c), rel=1e-6):
+        raise ExerciseError("that is the busiest expert's share of all assignments; divide by the mean load instead")
+    raise ExerciseError(f"{value:.4g} is not max(counts) / mean(counts) = ?")

@@ -1,0 +1,90 @@
+"""Exercises of notebook 02 (quantization): bytes of a 4-bit layer, SNR in dB, reading a comparison."""
+
+from __future__ import annotations
+
+import math
+
+from . import ExerciseError, exercise
+
+
+def int4_layer_bytes(out_features: int, in_features: int, group_size: int) -> int:
+    """Bytes effnb stores for an asymmetric int4 layer: packed codes + one fp16 scale and zero per group."""
+    groups = out_features * (in_features // group_size)
+    return out_features * in_features // 2 + groups * 2 * 2
+
+
+@exercise(
+    "quant.int4_bytes",
+    prompt="How many bytes does effnb store for the weight of an asymmetric int4 Linear layer with "
+           "out_features x in_features weights and one fp16 scale and one fp16 zero per group of group_size "
+           "weights (bias not counted)?",
+    hint="Two 4-bit codes share a byte. Every group of group_size weights along a row also stores a scale and a "
+         "zero, each in fp16 (2 bytes).",
+    solution="answer = out_features * in_features // 2 + out_features * (in_features // group_size) * 2 * 2",
+)
+def _int4_bytes(answer, *, out_features: int, in_features: int, group_size: int):
+    expected = int4_layer_bytes(out_features, in_features, group_size)
+    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
+        raise ExerciseError(f"give the number of bytes as a number, got {type(answer).__name__}")
+    if answer == expected:
+        return
+    codes = out_features * in_features // 2
+    if answer == codes:
+        raise ExerciseError(f"{answer:,} counts the packed codes only; each group of {group_size} weights also "
+                            "stores an fp16 scale and an fp16 zero (4 bytes per group)")
+    if answer == out_features * in_features:
+        raise ExerciseError(f"{answer:,} is one byte per weight; a 4-bit code is half a byte")
+    if answer == codes + out_features * (in_features // group_size) * 2:
+        raise ExerciseError(f"{answer:,} counts the scales but not the zeros: asymmetric int4 stores both")
+    raise ExerciseError(f"{answer:,} is not it (expected about {expected / 1e3:,.0f} kB); count half a byte per "
+                        "weight plus 4 bytes per group")
+
+
+def snr_db(reference, approx) -> float:
+    ref = reference.double()
+    err = (ref - approx.double()).pow(2).sum().item()
+    return math.inf if err == 0 else 10 * math.log10(ref.pow(2).sum().item() / err)
+
+
+@exercise(
+    "quant.snr",
+    prompt="Compute the signal-to-noise ratio in dB of a quantized weight w_q against the original w: "
+           "10 * log10(sum(w**2) / sum((w - w_q)**2)).",
+    hint="Use w.pow(2).sum() for the signal and (w - w_q).pow(2).sum() for the noise; powers, not amplitudes, so "
+         "the factor is 10, not 20.",
+    solution="answer = 10 * math.log10(w.pow(2).sum().item() / (w - w_q).pow(2).sum().item())",
+)
+def _snr(answer, *, w, w_q):
+    expected = snr_db(w, w_q)
+    try:
+        value = float(answer)
+    except (TypeError, ValueError):
+        raise ExerciseError(f"give the SNR as a number of dB, got {type(answer).__name__}") from None
+    if math.isclose(value, expected, rel_tol=1e-3, abs_tol=1e-3):
+        return
+    if math.isclose(value, 2 * expected, rel_tol=1e-3):
+        raise ExerciseError(f"{value:.2f} dB is twice the answer: sums of squares are powers, use 10 * log10, not 20")
+    if expected and math.isclose(value, 10 ** (expected / 10), rel_tol=1e-3):
+        raise ExerciseError(f"{value:.4g} is the plain ratio; convert it to decibels with 10 * log10(ratio)")
+    if math.isclose(value, -expected, rel_tol=1e-3):
+        raise ExerciseError(f"{value:.2f} dB has the wrong sign: signal over noise, not noise over signal")
+    raise ExerciseError(f"{value:.2f} dB is not it; expected a value near {expected:.0f} dB (4-bit weights "
+                        "usually land between 15 and 25 dB)")
+
+
+@exercise(
+    "quant.best_method",
+    prompt="From a dict {method: perplexity} of 4-bit variants of one model, which method keeps the model best?",
+    hint="Perplexity is how surprised the model is by the text: lower is better.",
+    solution="answer = min(results, key=results.get)",
+)
+def _best_method(answer, *, results: dict):
+    best = min(results, key=results.get)
+    if answer == best:
+        return
+    if answer not in results:
+        raise ExerciseError(f"{answer!r} is not one of the methods compared: {', '.join(results)}")
+    if answer == max(results, key=results.get):
+        raise ExerciseError(f"{answer!r} has the highest perplexity ({results[answer]:.3f}); lower perplexity "
+                            "means better quality")
+    raise ExerciseError(f"{answer!r} ({results[answer]:.3f}) is beaten by another method; look for the lowest value")

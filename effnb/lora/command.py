@@ -1,0 +1,35 @@
+"""The ``lora``, ``finetune`` and ``merge`` commands of ``%efficient`` and ``effnb`` (no torch import)."""
+
+from __future__ import annotations
+
+from ..commands import register_command
+from .config import FinetuneArgs, LoraArgs, MergeArgs
+
+register_command(
+    "lora",
+    summary="attach LoRA adapters (PEFT; QLoRA on a quantized model, --dora, --plus-ratio for LoRA+) and report "
+            "trainable share, adapter size and training memory",
+    api="effnb.lora.api:lora",
+    config=LoraArgs,
+    examples=["%efficient lora model --rank 8 -o lmodel",
+              "%efficient lora qmodel --rank 16 --targets all -o qlmodel",
+              "%efficient lora model --targets q_proj,v_proj --plus-ratio 16 -o lmodel"],
+)
+
+register_command(
+    "finetune",
+    summary="train a model's adapters (or all its weights) with a progress bar and a live loss plot; "
+            "held-out loss and answers before/after, tokens/s, peak memory",
+    api="effnb.lora.api:finetune",
+    config=FinetuneArgs,
+    examples=["%efficient finetune lmodel --steps 60 -o tuned",
+              "%efficient finetune lmodel --data notes.txt --steps 100 --lr 1e-3 -o tuned"],
+)
+
+register_command(
+    "merge",
+    summary="fold LoRA adapters into the base weights (re-quantizing a quantized base) and report the error",
+    api="effnb.lora.api:merge",
+    config=MergeArgs,
+    examples=["%efficient merge tuned -o merged"],
+)

@@ -1,0 +1,201 @@
+"""Options of ``effnb.lora``, ``effnb.finetune`` and ``effnb.merge`` (no torch import here).
+
+The magic and the CLI derive their ``--options`` from these fields, so ``%efficient lora --help``
+and these docstrings cannot drift apart. Values are checked in ``__post_init__``; a bad one raises
+``ValueError`` naming it and what is allowed.
+
+Target presets (``targets``), resolved per architecture in ``targets.py``:
+  attn      the attention query and value projections (the LoRA paper's choice and PEFT's default)
+  attn-all  every attention projection (query, key, value, output)
+  mlp       the feed-forward projections (for Mixtral-style experts: the expert weights)
+  all       attention and feed-forward (never the output head or the embeddings)
+or a list of module names / suffixes / fnmatch patterns, e.g. ``["q_proj", "*.mlp.down_proj"]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+
+PRESETS = ("attn", "attn-all", "mlp", "all")
+TASKS = ("python-api",)
+
+
+def _did_you_mean(value, allowed) -> str:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        need = "a non-negative integer" if allow_zero else "a positive integer"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _positive_float(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        need = "a non-negative number" if allow_zero else "a positive number"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _from_kwargs(cls, what: str, kwargs: dict):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unknown {what} option {unknown[0]!r}{_did_you_mean(unknown[0], sorted(known))} "
+                        f"(known: {', '.join(sorted(known))})")
+    return cls(**kwargs)
+
+
+@dataclass
+class LoraArgs:
+    """Options of ``effnb.lora``: which layers get adapters, their rank and scaling, the variant."""
+
+    rank: int = field(default=8, metadata={"help": "rank r of each adapter (B @ A with A: r x in, B: out x r)"})
+    alpha: float = field(default=16, metadata={"help": "scaling numerator: the update is (alpha / rank) * B @ A"})
+    targets: str | list[str] = field(default="attn", metadata={
+        "help": "attn | attn-all | mlp | all, or comma-separated module names / suffixes / patterns"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input while training (0 to <1)"})
+    dora: bool = field(default=False, metadata={
+        "help": "DoRA: weight-decomposed LoRA (magnitude vector + low-rank direction), via PEFT's use_dora"})
+    plus_ratio: float | None = field(default=None, metadata={
+        "help": "LoRA+: learning rate of B = ratio x that of A (16 is the paper's choice); used by finetune"})
+    adapter_name: str = field(default="default", metadata={"help": "name of the adapter (a model may hold several)"})
+    init: str = field(default="default", metadata={
+        "help": "initialisation of A (B starts at zero, so the model is unchanged)", "choices": ["default", "gaussian"]})
+    seed: int = field(default=0, metadata={"help": "seed for the adapter initialisation"})
+    measure: bool = field(default=False, metadata={
+        "help": "also measure speed and perplexity of the base and adapted model (slower)"})
+    inplace: bool = field(default=False, metadata={
+        "help": "attach the adapters to the given model instead of a copy", "cli": False})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer (typically 4 to 64), got {self.rank!r}")
+        _positive_float("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.plus_ratio is not None:
+            _positive_float("plus_ratio", self.plus_ratio)
+        if isinstance(self.targets, str):
+            if "," in self.targets:  # "q_proj,v_proj" from a command line
+                self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+            elif self.targets not in PRESETS and not _looks_like_module_name(self.targets):
+                raise ValueError(f"unknown targets {self.targets!r}{_did_you_mean(self.targets, PRESETS)} "
+                                 f"(presets: {', '.join(PRESETS)}; or a list of module names)")
+        if isinstance(self.targets, (list, tuple)):
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise ValueError(f"targets must be a preset ({', '.join(PRESETS)}) or a non-empty list of "
+                                 f"module names, got {self.targets!r}")
+            self.targets = list(self.targets)
+        elif not isinstance(self.targets, str):
+            raise ValueError(f"targets must be a preset ({', '.join(PRESETS)}) or a list of module names, "
+                             f"got {type(self.targets).__name__}")
+        if not isinstance(self.adapter_name, str) or not self.adapter_name.isidentifier():
+            raise ValueError(f"adapter_name must be a Python identifier such as 'default' or 'task1', "
+                             f"got {self.adapter_name!r}")
+        if self.init not in ("default", "gaussian"):
+            raise ValueError(f"init must be 'default' or 'gaussian', got {self.init!r}")
+        _positive_int("seed", self.seed, allow_zero=True)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> LoraArgs:
+        return _from_kwargs(cls, "lora", kwargs)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _looks_like_module_name(text: str) -> bool:
+    # a single name such as "q_proj" or "*.mlp.*" is a one-element list; a near-miss of a preset is a typo
+    if difflib.get_close_matches(text, PRESETS, n=1, cutoff=0.6):
+        return False
+    return all(c.isalnum() or c in "._*?[]-" for c in text)
+
+
+@dataclass
+class FinetuneArgs:
+    """Options of ``effnb.finetune``: data, schedule, evaluation. Defaults fit a 2-core CPU in about a minute."""
+
+    data: str | list[str] = field(default="python-api", metadata={
+        "help": "'python-api' (built-in Q/A task from the standard library's docs), a text, a file path, "
+                "or a list of texts"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW; linear warm-up, cosine decay)"})
+    batch_size: int = field(default=2, metadata={"help": "sequences per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per sequence (examples are packed)"})
+    eval_every: int = field(default=20, metadata={"help": "held-out loss every N steps (0: only before and after)"})
+    eval_tokens: int = field(default=4096, metadata={
+        "help": "held-out tokens scored per evaluation (the first ones, so every evaluation scores the same)"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    plus_ratio: float | None = field(default=None, metadata={
+        "help": "LoRA+ ratio lr(B)/lr(A); default: the one given to effnb.lora, else plain LoRA"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    aux_loss_coef: float = field(default=1.0, metadata={
+        "help": "multiplier on an auxiliary loss the model exposes (effnb MoE load balancing); 0: off"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward: less memory, about a third slower"})
+    generations: int = field(default=3, metadata={"help": "held-out questions answered before and after (0: none)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per held-out answer"})
+    live: bool = field(default=True, metadata={"help": "live loss plot in a notebook (a static figure otherwise)"})
+    seed: int = field(default=0, metadata={"help": "seed for data order and dropout"})
+    inplace: bool = field(default=False, metadata={"help": "train the given model instead of a copy", "cli": False})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len"):
+            _positive_int(name, getattr(self, name))
+        for name in ("eval_every", "warmup_steps", "generations", "seed"):
+            _positive_int(name, getattr(self, name), allow_zero=True)
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        _positive_int("eval_tokens", self.eval_tokens)
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be at least 8 tokens, got {self.seq_len}")
+        _positive_float("lr", self.lr)
+        if self.lr > 1:
+            raise ValueError(f"lr={self.lr} is far too large for fine-tuning (typical: 1e-4 to 5e-3)")
+        for name in ("weight_decay", "max_grad_norm", "aux_loss_coef"):
+            _positive_float(name, getattr(self, name), allow_zero=True)
+        if self.plus_ratio is not None:
+            _positive_float("plus_ratio", self.plus_ratio)
+        if isinstance(self.data, str):
+            if not self.data.strip():
+                raise ValueError(f"data is empty: give {', '.join(TASKS)}, a text, a file path or a list of texts")
+        elif isinstance(self.data, (list, tuple)):
+            if not all(isinstance(t, str) for t in self.data):
+                raise ValueError("data as a list must hold strings (texts to train on)")
+            self.data = list(self.data)
+        else:
+            raise ValueError(f"data must be {', '.join(TASKS)}, a text, a file path or a list of texts, "
+                             f"got {type(self.data).__name__}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> FinetuneArgs:
+        return _from_kwargs(cls, "finetune", kwargs)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not (isinstance(self.data, str) and self.data in TASKS):
+            out["data"] = "user text"
+        return out
+
+
+@dataclass
+class MergeArgs:
+    """Options of ``effnb.merge``: fold the adapters into the base weights."""
+
+    adapter_name: str | None = field(default=None, metadata={"help": "adapter to merge (default: the active one)"})
+    check_tokens: int = field(default=64, metadata={
+        "help": "held-out tokens on which merged and adapted logits are compared"})
+    inplace: bool = field(default=False, metadata={"help": "merge into the given model instead of a copy", "cli": False})
+
+    def __post_init__(self) -> None:
+        _positive_int("check_tokens", self.check_tokens)
+        if self.adapter_name is not None and not isinstance(self.adapter_name, str):
+            raise ValueError(f"adapter_name must be a string, got {self.adapter_name!r}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> MergeArgs:
+        return _from_kwargs(cls, "merge", kwargs)

@@ -1,0 +1,133 @@
+"""``QuantConfig``: the one source of ``effnb.quantize``'s options (no torch import here).
+
+The magic and the CLI derive their ``--options`` from these fields, so ``%efficient quantize
+--help`` and this docstring cannot drift apart.
+
+Methods and what they cost (4 bits, group 64, measured in docs/benchmarks.md):
+  int8      weight-only int8, per group (or per channel with group_size 0): ~2x smaller than bf16,
+            quality within noise of fp32, fastest CPU decode.
+  int4      round-to-nearest int4, asymmetric (float zero) or --symmetric; instant, lowest quality.
+  nf4, fp4  bitsandbytes' NormalFloat4 / FP4, same bytes as bitsandbytes (either side reads the
+            other's weights); optional double quantization of the block absmax (QLoRA).
+  hqq       int4 with half-quadratic optimisation of zeros (no calibration data), seconds.
+  gptq      int4 with second-order error compensation from calibration text, ~a minute on CPU.
+  fp8       float8 e4m3 weight-only with a per-group scale.
+  llm.int8  bitsandbytes' LLM.int8() (int8 with fp16 outlier columns); runs through bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+
+METHODS = ("int8", "int4", "nf4", "fp4", "hqq", "gptq", "fp8", "llm.int8")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "bitsandbytes")
+# bits each method supports (first = default)
+METHOD_BITS = {"int8": (8,), "int4": (4,), "nf4": (4,), "fp4": (4,), "hqq": (4, 8), "gptq": (4, 8),
+               "fp8": (8,), "llm.int8": (8,)}
+GROUP_SIZES = (32, 64, 128, 256)
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _did_you_mean(value: str, allowed) -> str:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass
+class QuantConfig:
+    """Options of ``effnb.quantize``. Every field is also ``--kebab-case`` on the magic and CLI."""
+
+    method: str = field(default="nf4", metadata={"help": "quantization method", "choices": list(METHODS)})
+    bits: int | None = field(default=None, metadata={
+        "help": "bits per weight (None: the method's own; hqq/gptq take 4 or 8)"})
+    group_size: int = field(default=64, metadata={
+        "help": "weights per scale along the input dimension (nf4/fp4: bitsandbytes blocksize); "
+                "0 = one scale per output channel (int8, fp8)"})
+    symmetric: bool = field(default=False, metadata={"help": "int4/hqq/gptq: symmetric codes (zero fixed at 8)"})
+    double_quant: bool = field(default=False, metadata={
+        "help": "nf4/fp4: quantize the block absmax to 8 bits as QLoRA does (~0.37 bit/weight less)"})
+    include: list[str] | None = field(default=None, metadata={
+        "help": "module-name patterns to quantize (fnmatch, e.g. '*.mlp.*'); default: every Linear"})
+    exclude: list[str] | None = field(default=None, metadata={"help": "module-name patterns to keep unquantized"})
+    quantize_lm_head: bool = field(default=False, metadata={
+        "help": "also quantize the output head (kept by default, as the peers do)"})
+    backend: str = field(default="auto", metadata={
+        "help": "how quantized layers run: auto picks the fastest correct path for the device",
+        "choices": list(BACKENDS)})
+    calibration: str | None = field(default=None, metadata={
+        "help": "gptq: calibration text or file path (default: effnb's built-in calibration text)"})
+    calibration_samples: int = field(default=32, metadata={"help": "gptq: number of calibration sequences"})
+    calibration_tokens: int = field(default=256, metadata={"help": "gptq: tokens per calibration sequence"})
+    hqq_iters: int = field(default=20, metadata={"help": "hqq: optimisation iterations per layer"})
+    gptq_damp: float = field(default=0.01, metadata={"help": "gptq: dampening, fraction of the mean Hessian diagonal"})
+    llm_int8_threshold: float = field(default=6.0, metadata={"help": "llm.int8: outlier threshold"})
+    inplace: bool = field(default=False, metadata={
+        "help": "replace the layers of the given model instead of returning a new one", "cli": False})
+    measure: bool = field(default=True, metadata={
+        "help": "measure speed and quality before and after (off: sizes and per-layer SNR only)"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method.lower() not in METHODS:
+            raise ValueError(f"unknown quantization method {self.method!r}{_did_you_mean(self.method, METHODS)} "
+                             f"(methods: {', '.join(METHODS)})")
+        self.method = self.method.lower()
+        allowed_bits = METHOD_BITS[self.method]
+        if self.bits is None:
+            self.bits = allowed_bits[0]
+        if isinstance(self.bits, bool) or self.bits not in allowed_bits:
+            raise ValueError(f"method {self.method!r} does not support bits={self.bits!r} "
+                             f"(supported: {', '.join(map(str, allowed_bits))})")
+        if self.method in ("nf4", "fp4"):
+            if self.group_size not in BNB_BLOCKSIZES:
+                raise ValueError(f"method {self.method!r} does not support group_size={self.group_size!r} "
+                                 f"(bitsandbytes blocksizes: {', '.join(map(str, BNB_BLOCKSIZES))})")
+        elif self.method != "llm.int8":
+            per_channel = self.method in ("int8", "fp8") or (self.bits == 8)
+            allowed = (*GROUP_SIZES, 0) if per_channel else GROUP_SIZES
+            if isinstance(self.group_size, bool) or self.group_size not in allowed:
+                raise ValueError(f"method {self.method!r} does not support group_size={self.group_size!r} "
+                                 f"(supported: {', '.join(map(str, allowed))}"
+                                 f"{'; 0 = per output channel' if per_channel else ''})")
+        if self.double_quant and self.method not in ("nf4", "fp4"):
+            raise ValueError(f"double_quant applies to nf4 and fp4 only, not method {self.method!r}")
+        if self.symmetric and self.method not in ("int4", "hqq", "gptq"):
+            raise ValueError(f"symmetric applies to int4, hqq and gptq only, not method {self.method!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}{_did_you_mean(self.backend, BACKENDS)} "
+                             f"(backends: {', '.join(BACKENDS)})")
+        if self.method == "llm.int8" and self.backend not in ("auto", "bitsandbytes"):
+            raise ValueError(f"llm.int8 runs only through bitsandbytes, not backend={self.backend!r} "
+                             "(use backend='auto' or 'bitsandbytes')")
+        if self.backend == "bitsandbytes" and self.method not in ("nf4", "fp4", "int8", "llm.int8"):
+            raise ValueError(f"the bitsandbytes backend runs nf4, fp4, int8 and llm.int8, not {self.method!r}")
+        for name in ("calibration_samples", "calibration_tokens", "hqq_iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (0 <= float(self.gptq_damp) < 1):
+            raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp!r}")
+        for name in ("include", "exclude"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                setattr(self, name, [p for p in v.split(",") if p])
+            elif v is not None and not all(isinstance(p, str) for p in v):
+                raise TypeError(f"{name} must be a list of name patterns, got {v!r}")
+
+    @property
+    def fmt(self) -> str:
+        """Storage format of the quantized layers."""
+        if self.method in ("hqq", "gptq"):
+            return "int4" if self.bits == 4 else "int8"
+        return {"llm.int8": "int8"}.get(self.method, self.method)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> QuantConfig:
+        known = [f.name for f in fields(cls)]
+        for k in kwargs:
+            if k not in known:
+                raise TypeError(f"unknown quantize option {k!r}{_did_you_mean(k, known)} (options: {', '.join(known)})")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

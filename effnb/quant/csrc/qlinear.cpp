@@ -1,0 +1,461 @@
+// effnb CPU kernels for weight-only quantized Linear layers: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
+//
+// Plain C ABI (no torch headers: builds in about a second with g++), called through ctypes from
+// effnb/quant/cpu_ext.py. Threads come from OpenMP; torch's own libgomp is already loaded in the
+// process, so both share one thread pool instead of two pools spinning against each other.
+//
+// The weights are read in exactly the formats effnb stores (see effnb/quant/formats.py):
+//   int4 : qweight u8 [N, K/2], column 2j in the LOW nibble, 2j+1 in the HIGH nibble;
+//          scales fp16 [N, K/g], zeros fp16 [N, K/g] in code units (NULL: symmetric, z = 8);
+//          w = (q - z) * s
+//   lut4 : NF4 / FP4 as bitsandbytes stores them: W flattened row-major, element 2i in the HIGH
+//          nibble, 2i+1 LOW; per block of `bs` elements an absmax, either fp32 or double-quantized
+//          (u8 index into an fp32 code[256], times absmax2[block / bs2], plus offset);
+//          w = table[q] * absmax
+//   int8 : qweight i8 [N, K]; scales fp16 [N, K/g]; w = q * s
+//
+// All arithmetic is fp32 with fp32 accumulation, so results equal the PyTorch reference up to the
+// order of the additions. Small M only (decode); the caller dequantizes and calls a GEMM for prefill.
+// Requires AVX2 + FMA + F16C; K and the group size multiples of 32 (the caller checks).
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v);
+    __m128 hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehdup_ps(lo);
+    __m128 s = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, s);
+    s = _mm_add_ss(s, sh);
+    return _mm_cvtss_f32(s);
+}
+
+inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
+// Reorder x so that each 32-column chunk reads [even columns..., odd columns...]:
+// the low (or high) nibbles of 16 packed bytes then meet 16 contiguous x values.
+void deinterleave(const float* x, float* xs, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float* src = x + m * K;
+        float* dst = xs + m * K;
+        for (int64_t c = 0; c < K; c += 32)
+            for (int i = 0; i < 16; ++i) {
+                dst[c + i] = src[c + 2 * i];
+                dst[c + 16 + i] = src[c + 2 * i + 1];
+            }
+    }
+}
+
+// Four vectors of 8 codes (as float or as int32 indices) for 32 packed columns starting at p.
+// first = the nibble that holds the even columns (low for int4, high for bitsandbytes).
+struct Nibbles {
+    __m256i a, b, c, d;  // even 0..7, even 8..15, odd 0..7, odd 8..15 (in deinterleaved order)
+};
+
+template <bool HighFirst>
+inline Nibbles unpack32(const uint8_t* p) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    __m128i lo = _mm_and_si128(bytes, mask);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    __m128i ev = HighFirst ? hi : lo;
+    __m128i od = HighFirst ? lo : hi;
+    Nibbles n;
+    n.a = _mm256_cvtepu8_epi32(ev);
+    n.b = _mm256_cvtepu8_epi32(_mm_srli_si128(ev, 8));
+    n.c = _mm256_cvtepu8_epi32(od);
+    n.d = _mm256_cvtepu8_epi32(_mm_srli_si128(od, 8));
+    return n;
+}
+
+inline __m256 lut16(__m256i idx, __m256 tlo, __m256 thi) {
+    __m256 vlo = _mm256_permutevar8x32_ps(tlo, idx);
+    __m256 vhi = _mm256_permutevar8x32_ps(thi, idx);
+    return _mm256_blendv_ps(vlo, vhi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+constexpr int MB = 4;  // rows of x handled together: the weights are decoded once per MB rows
+
+// ---------------------------------------------------------------------------------------- int4
+
+template <int MM>
+void int4_rows(const float* xs, const float* xsum, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1,
+               const uint8_t* qw, const uint16_t* scales, const uint16_t* zeros, int64_t g, const float* bias,
+               float* y) {
+    const int64_t G = K / g;
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = qw + n * (K / 2);
+        __m256 tot[MM];
+        float zc[MM];
+        for (int m = 0; m < MM; ++m) { tot[m] = _mm256_setzero_ps(); zc[m] = 0.f; }
+        for (int64_t gi = 0; gi < G; ++gi) {
+            const float s = h2f(scales[n * G + gi]);
+            const float z = zeros ? h2f(zeros[n * G + gi]) : 8.f;
+            __m256 acc0[MM], acc1[MM];
+            for (int m = 0; m < MM; ++m) { acc0[m] = _mm256_setzero_ps(); acc1[m] = _mm256_setzero_ps(); }
+            for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {
+                Nibbles q = unpack32<false>(row + c / 2);
+                __m256 w0 = _mm256_cvtepi32_ps(q.a), w1 = _mm256_cvtepi32_ps(q.b);
+                __m256 w2 = _mm256_cvtepi32_ps(q.c), w3 = _mm256_cvtepi32_ps(q.d);
+                for (int m = 0; m < MM; ++m) {
+                    const float* xv = xs + m * K + c;
+                    acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xv), acc0[m]);
+                    acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xv + 8), acc1[m]);
+                    acc0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xv + 16), acc0[m]);
+                    acc1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xv + 24), acc1[m]);
+                }
+            }
+            const __m256 sv = _mm256_set1_ps(s);
+            for (int m = 0; m < MM; ++m) {
+                tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), sv, tot[m]);
+                zc[m] += s * z * xsum[m * G + gi];  // sum_k x_k (q_k - z) s = s (sum x q) - s z (sum x)
+            }
+        }
+        const float b = bias ? bias[n] : 0.f;
+        for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(tot[m]) - zc[m] + b;
+    }
+}
+
+// ------------------------------------------------------------------------------ lut4 (nf4/fp4)
+
+template <int MM>
+void lut4_rows(const float* xs, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, const uint8_t* qw,
+               const float* absmax, const uint8_t* qabsmax, const float* code2, const float* absmax2,
+               float offset, int64_t bs, int64_t bs2, const float* table, const float* bias, float* y) {
+    const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = qw + n * (K / 2);
+        __m256 tot[MM];
+        for (int m = 0; m < MM; ++m) tot[m] = _mm256_setzero_ps();
+        for (int64_t k0 = 0; k0 < K; k0 += bs) {
+            const int64_t blk = (n * K + k0) / bs;
+            const float am = qabsmax ? code2[qabsmax[blk]] * absmax2[blk / bs2] + offset : absmax[blk];
+            __m256 acc0[MM], acc1[MM];
+            for (int m = 0; m < MM; ++m) { acc0[m] = _mm256_setzero_ps(); acc1[m] = _mm256_setzero_ps(); }
+            for (int64_t c = k0; c < k0 + bs; c += 32) {
+                Nibbles q = unpack32<true>(row + c / 2);
+                __m256 w0 = lut16(q.a, tlo, thi), w1 = lut16(q.b, tlo, thi);
+                __m256 w2 = lut16(q.c, tlo, thi), w3 = lut16(q.d, tlo, thi);
+                for (int m = 0; m < MM; ++m) {
+                    const float* xv = xs + m * K + c;
+                    acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xv), acc0[m]);
+                    acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xv + 8), acc1[m]);
+                    acc0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xv + 16), acc0[m]);
+                    acc1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xv + 24), acc1[m]);
+                }
+            }
+            const __m256 av = _mm256_set1_ps(am);
+            for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), av, tot[m]);
+        }
+        const float b = bias ? bias[n] : 0.f;
+        for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(tot[m]) + b;
+    }
+}
+
+// ---------------------------------------------------------------------------------------- int8
+
+template <int MM>
+void int8_rows(const float* x, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, const int8_t* qw,
+               const uint16_t* scales, int64_t g, const float* bias, float* y) {
+    const int64_t G = K / g;
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* row = qw + n * K;
+        __m256 tot[MM];
+        for (int m = 0; m < MM; ++m) tot[m] = _mm256_setzero_ps();
+        for (int64_t gi = 0; gi < G; ++gi) {
+            __m256 acc0[MM], acc1[MM];
+            for (int m = 0; m < MM; ++m) { acc0[m] = _mm256_setzero_ps(); acc1[m] = _mm256_setzero_ps(); }
+            for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {
+                __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+                __m128i b0 = _mm256_castsi256_si128(b), b1 = _mm256_extracti128_si256(b, 1);
+                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0));
+                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
+                __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
+                __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
+                for (int m = 0; m < MM; ++m) {
+                    const float* xv = x + m * K + c;
+                    acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xv), acc0[m]);
+                    acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xv + 8), acc1[m]);
+                    acc0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xv + 16), acc0[m]);
+                    acc1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xv + 24), acc1[m]);
+                }
+            }
+            const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
+            for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), sv, tot[m]);
+        }
+        const float b = bias ? bias[n] : 0.f;
+        for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(tot[m]) + b;
+    }
+}
+
+// Split the N output rows over the threads; within a thread, x rows go MB at a time.
+template <typename F>
+void over_rows(int64_t M, int64_t N, int nthreads, F body) {
+    const int64_t chunk = 16;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t ci = 0; ci < nchunks; ++ci) {
+        const int64_t n0 = ci * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mm = M - m0 < MB ? M - m0 : MB;
+            body(m0, mm, n0, n1);
+        }
+    }
+}
+
+#define DISPATCH_MM(mm, FN, ...)             \
+    switch (mm) {                            \
+        case 1: FN<1>(__VA_ARGS__); break;   \
+        case 2: FN<2>(__VA_ARGS__); break;   \
+        case 3: FN<3>(__VA_ARGS__); break;   \
+        default: FN<4>(__VA_ARGS__); break;  \
+    }
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------ HQQ
+// Half-quadratic optimisation of the zero-point (Badri & Shaji, 2023) for asymmetric groups,
+// one group of g weights (g a multiple of 8) at a time, 8 lanes wide; then least-squares refits of
+// (scale, zero) on the chosen codes, each kept only where it lowers the group's squared error
+// with scale and zero rounded to fp16 (as stored). Same steps as methods.hqq (the reference).
+namespace {
+
+// |x|^p for x > 0 (p < 0 here): 2^(p * log2 x) with polynomial log2/exp2 (relative error ~1e-5).
+inline __m256 fast_pow(__m256 x, __m256 p) {
+    __m256i xi = _mm256_castps_si256(x);
+    __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127)));
+    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007FFFFF)),
+                                                   _mm256_set1_epi32(0x3F800000)));  // [1, 2)
+    __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+    // log2(1 + t) on [0, 1): degree-6 polynomial
+    __m256 l = _mm256_set1_ps(-0.0258411662f);
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(0.1217970128f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(-0.2779042655f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(0.4575485901f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(-0.7181451002f));
+    l = _mm256_fmadd_ps(l, t, _mm256_set1_ps(1.4425449290f));
+    l = _mm256_mul_ps(l, t);
+    __m256 y = _mm256_mul_ps(p, _mm256_add_ps(e, l));
+    y = _mm256_max_ps(_mm256_min_ps(y, _mm256_set1_ps(126.f)), _mm256_set1_ps(-126.f));
+    __m256 yi = _mm256_floor_ps(y);
+    __m256 f = _mm256_sub_ps(y, yi);
+    // 2^f on [0, 1): degree-5 polynomial
+    __m256 q = _mm256_set1_ps(1.8775767e-3f);
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(8.9893397e-3f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(5.5826318e-2f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(2.4015361e-1f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(6.9315308e-1f));
+    q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(yi), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
+}
+
+inline float hsum8(__m256 v) { return hsum(v); }
+inline float to_f16_and_back(float x) { return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT)); }
+
+const __m256 kAbsMask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+
+// codes for stored (fp16) s, z; returns the squared error. q written as floats.
+inline float stored_codes(const float* w, int64_t g, float s16, float z16, float levels, float* q) {
+    const __m256 sv = _mm256_set1_ps(s16), zv = _mm256_set1_ps(z16), lv = _mm256_set1_ps(levels);
+    __m256 err = _mm256_setzero_ps();
+    for (int64_t k = 0; k < g; k += 8) {
+        __m256 wv = _mm256_loadu_ps(w + k);
+        __m256 c = _mm256_round_ps(_mm256_add_ps(_mm256_div_ps(wv, sv), zv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        c = _mm256_min_ps(_mm256_max_ps(c, _mm256_setzero_ps()), lv);
+        _mm256_storeu_ps(q + k, c);
+        __m256 d = _mm256_sub_ps(wv, _mm256_mul_ps(_mm256_sub_ps(c, zv), sv));
+        err = _mm256_fmadd_ps(d, d, err);
+    }
+    return hsum8(err);
+}
+
+}  // namespace
+
+extern "C" void effnb_hqq(const float* W, int64_t ngroups, int64_t g, int levels_i, int iters, float lp, float beta0,
+                          float kappa, int refit_rounds, uint8_t* codes, uint16_t* scales16, uint16_t* zeros16,
+                          double* sq_err, int nthreads) {
+    const float levels = (float)levels_i;
+    double total = 0.0;
+#pragma omp parallel for schedule(static, 64) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+    for (int64_t gi = 0; gi < ngroups; ++gi) {
+        const float* w = W + gi * g;
+        float q[256], qbest[256];
+        float lo = w[0], hi = w[0];
+        for (int64_t k = 1; k < g; ++k) { lo = w[k] < lo ? w[k] : lo; hi = w[k] > hi ? w[k] : hi; }
+        float s = (hi - lo) / levels;
+        s = s > 1e-8f ? s : 1e-8f;
+        const float inv = 1.0f / s;
+        float z = -lo / s, best_z = z, best_err = INFINITY, beta = beta0;
+        const __m256 invv = _mm256_set1_ps(inv), lv = _mm256_set1_ps(levels), pv = _mm256_set1_ps(lp - 1.0f);
+        for (int it = 0; it < iters; ++it) {
+            const __m256 zv = _mm256_set1_ps(z), rb = _mm256_set1_ps(1.0f / beta);
+            __m256 abs_err = _mm256_setzero_ps(), zsum = _mm256_setzero_ps();
+            for (int64_t k = 0; k < g; k += 8) {
+                __m256 wv = _mm256_loadu_ps(w + k);
+                __m256 c = _mm256_round_ps(_mm256_fmadd_ps(wv, invv, zv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                c = _mm256_min_ps(_mm256_max_ps(c, _mm256_setzero_ps()), lv);
+                __m256 e = _mm256_sub_ps(wv, _mm256_div_ps(_mm256_sub_ps(c, zv), invv));
+                __m256 ae = _mm256_and_ps(e, kAbsMask);
+                abs_err = _mm256_add_ps(abs_err, ae);
+                // shrink_lp(e) = sign(e) * relu(|e| - |e|^(p-1) / beta); 0 where e == 0
+                __m256 safe = _mm256_max_ps(ae, _mm256_set1_ps(1e-30f));
+                __m256 mag = _mm256_max_ps(_mm256_sub_ps(ae, _mm256_mul_ps(fast_pow(safe, pv), rb)), _mm256_setzero_ps());
+                __m256 we = _mm256_or_ps(mag, _mm256_andnot_ps(kAbsMask, e));
+                zsum = _mm256_add_ps(zsum, _mm256_sub_ps(c, _mm256_mul_ps(_mm256_sub_ps(wv, we), invv)));
+            }
+            const float err = hsum8(abs_err) / g;
+            if (err < best_err) { best_err = err; best_z = z; }
+            z = hsum8(zsum) / g;
+            beta *= kappa;
+        }
+        float s16 = to_f16_and_back(s), z16 = to_f16_and_back(best_z);
+        float err = stored_codes(w, g, s16, z16, levels, q);
+        for (int r = 0; r < refit_rounds; ++r) {  // least squares: w ~ s (q - z) on fixed codes
+            float qm = 0.f, wm = 0.f;
+            for (int64_t k = 0; k < g; ++k) { qm += q[k]; wm += w[k]; }
+            qm /= g; wm /= g;
+            float var = 0.f, cov = 0.f;
+            for (int64_t k = 0; k < g; ++k) { var += (q[k] - qm) * (q[k] - qm); cov += (q[k] - qm) * (w[k] - wm); }
+            var /= g; cov /= g;
+            float sn = var > 1e-12f ? cov / var : 1.0f;
+            sn = fabsf(sn) > 1e-12f ? sn : 1e-8f;
+            const float sn16 = to_f16_and_back(sn), zn16 = to_f16_and_back(qm - wm / sn);
+            const float err2 = stored_codes(w, g, sn16, zn16, levels, qbest);
+            if (err2 < err) {
+                err = err2; s16 = sn16; z16 = zn16;
+                memcpy(q, qbest, sizeof(float) * g);
+            }
+        }
+        for (int64_t k = 0; k < g; ++k) codes[gi * g + k] = (uint8_t)q[k];
+        scales16[gi] = _cvtss_sh(s16, _MM_FROUND_TO_NEAREST_INT);
+        zeros16[gi] = _cvtss_sh(z16, _MM_FROUND_TO_NEAREST_INT);
+        total += err;
+    }
+    *sq_err = total;
+}
+
+extern "C" {
+
+int effnb_abi_version() { return 4; }
+
+void effnb_int4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const uint16_t* scales,
+                       const uint16_t* zeros, int64_t g, const float* bias, float* y, int nthreads) {
+    const int64_t G = K / g;
+    float* xs = static_cast<float*>(malloc(sizeof(float) * (M * K + M * G)));
+    float* xsum = xs + M * K;
+    deinterleave(x, xs, M, K);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t gi = 0; gi < G; ++gi) {
+            float s = 0.f;
+            for (int64_t k = gi * g; k < (gi + 1) * g; ++k) s += x[m * K + k];
+            xsum[m * G + gi] = s;
+        }
+    over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
+        DISPATCH_MM(mm, int4_rows, xs + m0 * K, xsum + m0 * G, mm, K, N, n0, n1, qw, scales, zeros, g, bias,
+                    y + m0 * N);
+    });
+    free(xs);
+}
+
+void effnb_lut4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const float* absmax,
+                       const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int64_t bs,
+                       int64_t bs2, const float* table, const float* bias, float* y, int nthreads) {
+    float* xs = static_cast<float*>(malloc(sizeof(float) * M * K));
+    deinterleave(x, xs, M, K);
+    over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
+        DISPATCH_MM(mm, lut4_rows, xs + m0 * K, mm, K, N, n0, n1, qw, absmax, qabsmax, code2, absmax2, offset, bs,
+                    bs2, table, bias, y + m0 * N);
+    });
+    free(xs);
+}
+
+void effnb_int8_linear(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* qw, const uint16_t* scales,
+                       int64_t g, const float* bias, float* y, int nthreads) {
+    over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
+        DISPATCH_MM(mm, int8_rows, x + m0 * K, mm, K, N, n0, n1, qw, scales, g, bias, y + m0 * N);
+    });
+}
+
+// ------------------------------------------------------------------ nf4 / fp4 quantization
+// bitsandbytes' quantize_4bit arithmetic, element for element (the PyTorch reference in
+// formats.py does the same): per block absmax; scaled = clamp(w * (1 / absmax), -1, 1);
+// index = number of midpoints between sorted table values that lie below `scaled` (a
+// branchless binary search over the 15 midpoints), mapped through `order` (sorted position ->
+// table index; identity for nf4). Packs element 2i in the HIGH nibble. Also returns the sum of
+// squared errors (w - table[q] * absmax)^2, so the per-layer SNR needs no dequantization.
+// n even; a last, shorter block gets its own absmax (as bitsandbytes does).
+void effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
+                         const float* table, uint8_t* packed, float* absmax, double* sq_err, int nthreads) {
+    const int64_t nblocks = (n + bs - 1) / bs;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
+        float am = 0.f;
+        for (int64_t k = k0; k < k1; ++k) am = fabsf(w[k]) > am ? fabsf(w[k]) : am;
+        absmax[b] = am;
+        const float inv = 1.0f / (am > 1e-38f ? am : 1e-38f);
+        double err = 0.0;
+        for (int64_t k = k0; k < k1; k += 2) {
+            uint8_t q2[2];
+            for (int j = 0; j < 2; ++j) {
+                float sc = w[k + j] * inv;
+                sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
+                int idx = 0;
+                idx += (sc > bounds[idx + 7]) ? 8 : 0;
+                idx += (sc > bounds[idx + 3]) ? 4 : 0;
+                idx += (sc > bounds[idx + 1]) ? 2 : 0;
+                idx += (sc > bounds[idx]) ? 1 : 0;
+                const uint8_t q = order[idx];
+                q2[j] = q;
+                const float d = w[k + j] - table[q] * am;
+                err += (double)d * d;
+            }
+            packed[k / 2] = (uint8_t)((q2[0] << 4) | q2[1]);
+        }
+        total += err;
+    }
+    *sq_err = total;
+}
+
+// -------------------------------------------------------------------------- GPTQ inner loop
+// One block of B columns of GPTQ (Frantar et al., 2022), all N rows (rows are independent given
+// the Hessian, so they are split over the threads). W1 [N, B] row-major is updated in place;
+// Hinv1 [B, B] is the block of the upper Cholesky factor of H^-1; the grid is fixed per group:
+// scales/zeros [N, G] (zeros NULL: constant zconst), column c of the block is in group
+// (c0 + c) / g. Writes codes Q1 [N, B] and scaled errors E1 [N, B] (for the caller's update of
+// the later columns). Rounding is round-half-to-even, as torch.round.
+void effnb_gptq_block(float* W1, int64_t N, int64_t B, const float* Hinv1, const float* scales, const float* zeros,
+                      float zconst, int64_t G, int64_t g, int64_t c0, float qmin, float qmax, float* Q1, float* E1,
+                      int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t n = 0; n < N; ++n) {
+        float* w = W1 + n * B;
+        for (int64_t i = 0; i < B; ++i) {
+            const int64_t gi = (c0 + i) / g;
+            const float s = scales[n * G + gi];
+            const float z = zeros ? zeros[n * G + gi] : zconst;
+            float q = nearbyintf(w[i] / s + z);
+            q = q < qmin ? qmin : (q > qmax ? qmax : q);
+            Q1[n * B + i] = q;
+            const float e = (w[i] - (q - z) * s) / Hinv1[i * B + i];
+            E1[n * B + i] = e;
+            const float* h = Hinv1 + i * B;
+            for (int64_t j = i + 1; j < B; ++j) w[j] -= e * h[j];
+        }
+    }
+}
+
+}  // extern "C"

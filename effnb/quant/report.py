@@ -1,0 +1,108 @@
+"""The before/after report of a quantization: effnb.measure's rows plus quantization specifics.
+
+Added to the quantized row's ``extra``: method and config, quantization wall time, the backend
+that ran (counted per call), bytes of the quantized layers before/after (and vs bf16), per-layer
+SNR in dB with the worst layers named. ``Result.figures`` holds a plotly heatmap of per-layer SNR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from .api import layer_position
+from .config import QuantConfig
+
+
+def backend_summary(model) -> dict:
+    """Calls served by each backend over the quantized layers (what actually ran)."""
+    from .linear import QuantLinear
+
+    calls: Counter = Counter()
+    bnb_layers = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            calls.update(m.backend_calls)
+        elif type(m).__module__.startswith("bitsandbytes"):
+            bnb_layers += 1
+    out = dict(calls)
+    if bnb_layers:
+        out["bitsandbytes"] = out.get("bitsandbytes", 0) + bnb_layers
+    return out
+
+
+def _backend_text(calls: dict, measured: bool) -> str:
+    if not calls:
+        return "not run yet" if not measured else "none"
+    if set(calls) == {"bitsandbytes"}:
+        return "bitsandbytes"
+    total = sum(calls.values())
+    parts = [f"{k} {100 * v / total:.0f}% of calls" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])]
+    return ", ".join(parts)
+
+
+def build_result(original, qmodel, cfg: QuantConfig, layer_stats: list[dict], quant_s: float,
+                 name: str | None = None):
+    from .. import measure
+    from ..models import model_name
+    from ..report import Result
+    from . import cpu_ext
+
+    base = name or model_name(original)
+    qname = f"{base} {cfg.method}" + (f"-g{cfg.group_size}" if cfg.method != "llm.int8" else "")
+    try:
+        qmodel._effnb_name = qname
+    except AttributeError:  # pragma: no cover - exotic modules
+        pass
+    opts = {} if cfg.measure else {"speed": False, "quality": False, "flops": False, "energy": False}
+    for m in qmodel.modules():
+        if hasattr(m, "reset_backend_calls"):
+            m.reset_backend_calls()
+    report = measure.compare(original, qmodel, names=[base, qname], title=f"quantize: {qname}", **opts)
+    calls = backend_summary(qmodel)
+    before = sum(s["bytes_before"] for s in layer_stats)
+    bf16 = sum(s["bytes_bf16"] for s in layer_stats)
+    after = sum(s["bytes_after"] for s in layer_stats)
+    finite = [s for s in layer_stats if math.isfinite(s["snr_db"])]
+    worst = sorted(finite, key=lambda s: s["snr_db"])[:5]
+    extra = {
+        "method": cfg.method,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("inplace",)},
+        "quantize_wall_s": quant_s,
+        "backend": _backend_text(calls, cfg.measure),
+        "backend_calls": calls,
+        "cpu_kernels": cpu_ext.status(),
+        "layers_quantized": len(layer_stats),
+        "quantized_layers_bytes_before": before,
+        "quantized_layers_bytes_after": after,
+        "quantized_layers_ratio_vs_before": before / after if after else None,
+        "quantized_layers_ratio_vs_bf16": bf16 / after if after else None,
+        "bits_per_weight": 8 * after / max(1, sum(s["in_features"] * s["out_features"] for s in layer_stats)),
+        "snr_db_mean": sum(s["snr_db"] for s in finite) / len(finite) if finite else math.inf,
+        "snr_db_min": worst[0]["snr_db"] if worst else math.inf,
+        "worst_layers": [{"name": s["name"], "snr_db": s["snr_db"]} for s in worst],
+    }
+    report.rows[1].setdefault("extra", {}).update(extra)
+    details = {"config": extra["config"], "layers": layer_stats, "worst_layers": extra["worst_layers"],
+               "quantize_wall_s": quant_s, "backend": extra["backend"]}
+    return Result(qmodel, report, details=details, figures=[lambda: snr_heatmap(layer_stats, qname)])
+
+
+def snr_heatmap(layer_stats: list[dict], title: str = ""):
+    """Plotly heatmap of per-layer SNR (dB): blocks down, layer kinds across; low = more error."""
+    import plotly.graph_objects as go
+
+    cells = {}
+    for s in layer_stats:
+        blk, kind = layer_position(s["name"])
+        cells[(blk, kind)] = s["snr_db"]
+    blocks = sorted({b for b, _ in cells}, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
+    kinds = list(dict.fromkeys(k for _, k in cells))
+    z = [[cells.get((b, k)) for k in kinds] for b in blocks]
+    fig = go.Figure(go.Heatmap(z=z, x=kinds, y=blocks, colorscale="RdYlGn", colorbar={"title": "SNR dB"},
+                               hovertemplate="block %{y}<br>%{x}<br>SNR %{z:.1f} dB<extra></extra>"))
+    fig.update_layout(title=f"per-layer weight SNR (dB), {title}", xaxis_title="layer", yaxis_title="block",
+                      yaxis={"autorange": "reversed"}, height=max(300, 18 * len(blocks) + 150))
+    return fig

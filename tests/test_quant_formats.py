@@ -1,0 +1,146 @@
+"""Storage formats: the CPU kernels against the reference, and byte compatibility with bitsandbytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effnb.quant import cpu_ext
+from effnb.quant import formats as F
+from effnb.quant.linear import QuantLinear
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _layer(fmt: str, n: int = 96, k: int = 192, g: int = 64, bias: bool = True, **kw) -> tuple[QuantLinear, torch.Tensor]:
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.05
+    if fmt == "int4":
+        t = F.quantize_int4(w, g, kw.get("symmetric", False))
+    elif fmt == "int8":
+        t = F.quantize_int8(w, g)
+    else:
+        packed, absmax = F.quantize_4bit(w, g, fmt)
+        t = {"qweight": packed, **(F.double_quant(absmax) if kw.get("dq") else {"absmax": absmax})}
+    return QuantLinear(k, n, fmt, g, t, torch.randn(n) if bias else None), w
+
+
+CASES = [("int4", {}), ("int4", {"symmetric": True}), ("int8", {}), ("nf4", {}), ("fp4", {}), ("nf4", {"dq": True})]
+
+
+@pytest.mark.parametrize("fmt,kw", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 5, 16])
+def test_cpu_kernel_matches_reference(fmt, kw, rows):
+    if cpu_ext.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
+    layer, _ = _layer(fmt, **kw)
+    x = torch.randn(rows, layer.in_features)
+    layer.backend = "reference"
+    ref = layer(x)
+    layer.backend = "cpu"
+    fast = layer(x)
+    err = (ref - fast).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item(), f"{fmt} {kw} rows={rows}: max abs error {err:.3g}, shape {tuple(ref.shape)}"
+    assert layer.backend_calls["cpu-fast"] == 1
+
+
+def test_auto_backend_names_the_path_that_ran():
+    layer, _ = _layer("int4")
+    layer(torch.randn(1, layer.in_features))  # decode-sized
+    layer(torch.randn(64, layer.in_features))  # prefill-sized: dequantize + GEMM
+    calls = layer.backend_calls
+    assert calls["reference"] == 1
+    assert calls["cpu-fast"] == (1 if cpu_ext.library() is not None else 0)
+
+
+def test_int4_packing_layout():
+    q = torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)
+    packed = F.pack_int4(q)
+    assert packed.tolist() == [[1 | (2 << 4), 3 | (4 << 4)]]  # column 2j low nibble, 2j+1 high
+    assert torch.equal(F.unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_4bit_bytes_equal_bitsandbytes(quant_type, blocksize):
+    torch.manual_seed(1)
+    w = torch.randn(64, 256)
+    ours, absmax = F.quantize_4bit(w, blocksize, quant_type)
+    theirs, state = bnb.functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    assert torch.equal(ours, theirs.reshape(-1))
+    assert torch.equal(absmax, state.absmax)
+    assert torch.equal(torch.tensor(F.NF4_TABLE if quant_type == "nf4" else F.FP4_TABLE), state.code.cpu())
+    # either side reads the other's weights
+    assert torch.equal(F.dequantize_4bit(theirs, state.absmax, blocksize, quant_type, w.shape),
+                       bnb.functional.dequantize_4bit(theirs, state).float())
+
+
+def test_double_quant_equals_bitsandbytes_compress_statistics():
+    torch.manual_seed(2)
+    w = torch.randn(128, 512)
+    packed, absmax = F.quantize_4bit(w, 64, "nf4")
+    _, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = F.double_quant(absmax)
+    assert torch.equal(ours["code2"], state.state2.code)
+    assert torch.allclose(ours["offset"], state.offset.reshape(1))
+    assert torch.equal(ours["absmax2"], state.state2.absmax)
+    # bitsandbytes' CPU library picks a neighbouring code for a few blocks (its search is not exact
+    # nearest); the format is the same, so each side still reads the other's bytes exactly (below)
+    diff = (ours["qabsmax"].int() - state.absmax.int()).abs()
+    assert diff.max().item() <= 1 and (diff == 0).float().mean().item() > 0.99
+    # our reading of bitsandbytes' state equals bitsandbytes' own dequantization
+    mine = F.dequantize_4bit(packed, F.undo_double_quant(state.absmax, state.state2.absmax, state.state2.code,
+                                                          state.offset.reshape(1)), 64, "nf4", w.shape)
+    assert torch.allclose(mine, bnb.functional.dequantize_4bit(packed.reshape(-1, 1), state).float(), atol=1e-6)
+
+
+def test_bitsandbytes_layer_reads_effnb_weights_and_back():
+    from effnb.quant.bnb import dequantize_bnb, from_bnb_module, quant_state
+
+    layer, _ = _layer("nf4", bias=False)
+    m = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.float32,
+                          quant_type="nf4", device="meta")
+    qs = quant_state({"absmax": layer.absmax}, "nf4", 64, (layer.out_features, layer.in_features), torch.float32)
+    m.weight = bnb.nn.Params4bit(layer.qweight.reshape(-1, 1), requires_grad=False, quant_state=qs, blocksize=64,
+                                 quant_type="nf4", bnb_quantized=True, module=m)
+    x = torch.randn(3, layer.in_features)
+    assert torch.equal(dequantize_bnb(m), layer.dequantize())
+    assert torch.allclose(m(x), layer(x), atol=1e-5)
+    back = from_bnb_module(m)
+    assert torch.equal(back.dequantize(), layer.dequantize())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_compiled_4bit_quantizer_equals_reference(quant_type, blocksize):
+    if cpu_ext.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
+    torch.manual_seed(3)
+    w = torch.randn(96, 320) * 0.03
+    w[0, :64] = 0.0  # an all-zero block
+    w[5, 7] = 1.0  # an outlier
+    fast, fast_absmax, sq_err = F.quantize_4bit_with_error(w, blocksize, quant_type)
+    ref, ref_absmax = F.quantize_4bit_reference(w, blocksize, quant_type)
+    assert torch.equal(fast, ref) and torch.equal(fast_absmax, ref_absmax)
+    deq = F.dequantize_4bit(ref, ref_absmax, blocksize, quant_type, w.shape)
+    assert sq_err == pytest.approx((w.double() - deq.double()).pow(2).sum().item(), rel=1e-6)
+
+
+def test_compiled_hqq_matches_reference():
+    from effnb.quant import methods
+
+    if cpu_ext.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
+    torch.manual_seed(4)
+    w = torch.randn(64, 256) * 0.02
+    w[3, 5] = 0.3  # an outlier, as real layers have
+
+    def snr(t):
+        deq = F.dequantize_int4(t["qweight"], t["scales"], t["zeros"], 64)
+        return 10 * torch.log10(w.pow(2).sum() / (w - deq).pow(2).sum()).item()
+
+    fast, ref, rtn = methods.hqq(w, 4, 64), methods.hqq_reference(w, 4, 64), methods.rtn(w, "int4", 64)
+    assert abs(snr(fast) - snr(ref)) < 0.05, (snr(fast), snr(ref))
+    assert snr(fast) > snr(rtn) + 0.3
+    deq = F.dequantize_int4(fast["qweight"], fast["scales"], fast["zeros"], 64)
+    assert fast["_sq_err"] == pytest.approx((w.double() - deq.double()).pow(2).sum().item(), rel=1e-4)

@@ -6,7 +6,7 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.effnb-setup
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint notebooks bench bench-quant bench-finetune bench-moe bench-notebooks bench-gpu test-gpu clean
 
 $(STAMP): pyproject.toml Makefile tests/browser/setup.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,8 +31,43 @@ test: setup
 	$(BIN)/python -m ruff check effnb tests benchmarks
 	$(BIN)/python -m pytest -q
 
+lint: setup
+	$(BIN)/python -m ruff check effnb kernels tests benchmarks
+
+# every tutorial notebook headless with its CI parameters: wall time and peak memory per notebook
+notebooks: setup
+	$(BIN)/python benchmarks/notebooks.py --ci
+
+# Benchmarks print side-by-side tables (ratios measured in one run); docs/benchmarks.md records them
 bench: setup
 	$(BIN)/python benchmarks/import_time.py
+
+bench-quant: setup
+	mkdir -p reports
+	$(BIN)/python benchmarks/quantize_quality.py --json reports/quantize_quality.json
+	$(BIN)/python benchmarks/cpu_decode.py --json reports/cpu_decode.json
+
+bench-finetune: setup
+	mkdir -p reports
+	$(BIN)/python benchmarks/finetune.py --json reports/finetune.json
+
+bench-moe: setup
+	mkdir -p reports
+	$(BIN)/python benchmarks/moe.py --json reports/moe.json
+
+bench-notebooks: setup
+	mkdir -p reports
+	$(BIN)/python benchmarks/notebooks.py --json reports/notebooks.json
+
+# on a CUDA machine (after `make setup TORCH_SPEC=...` with a CUDA torch): kernel checks and timings
+test-gpu: setup
+	$(BIN)/python -m pytest -q tests/kernels/test_gpu.py
+
+bench-gpu: setup
+	mkdir -p reports
+	$(BIN)/python benchmarks/gpu_kernels.py --json reports/gpu_kernels.json
+	$(BIN)/python benchmarks/gpu_decode.py --json reports/gpu_decode.json
+	$(BIN)/python benchmarks/moe.py --shape mixtral --device cuda --dtype bfloat16 --tokens 1,16,128,512,4096 --json reports/moe_cuda.json
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

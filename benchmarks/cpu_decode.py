@@ -1,6 +1,6 @@
 """CPU decode speed of SmolLM2-135M: fp32 vs effnb's quantized layers vs bitsandbytes and torch int8.
 
-    python benchmarks/cpu_decode.py [--tokens 64] [--rounds 5] [--only ...] [--json out.json]
+    python benchmarks/cpu_decode.py [--tokens 64] [--rounds 5] [--threads 2] [--only ...] [--json out.json]
 
 Greedy decode of --tokens new tokens after a short prompt; all variants are timed in interleaved
 rounds (round r times every variant once) so load from other processes hits them alike; the
@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 EFFNB = {
     "effnb int8 per-channel": {"method": "int8", "group_size": 0},
     "effnb int8 g64": {"method": "int8", "group_size": 64},
-    "effnb int4 g64 (hqq)": {"method": "hqq", "group_size": 64},
+    "effnb int4 g64 (rtn)": {"method": "int4", "group_size": 64},
+    "effnb hqq g64 (nf4 grid)": {"method": "hqq", "group_size": 64},
     "effnb nf4 g64": {"method": "nf4", "group_size": 64},
-    "effnb nf4 g64 reference path": {"method": "nf4", "group_size": 64, "backend": "reference"},
+    "effnb nf4 (reference path) g64": {"method": "nf4", "group_size": 64, "backend": "reference"},
 }
 
 
@@ -34,9 +35,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="")
+    ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (acceptance: 2)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
+
+    torch.set_num_threads(args.threads)
     from _peers import bnb_model, torch_dynamic_int8
 
     import effnb
@@ -85,7 +89,8 @@ def main(argv=None) -> int:
                      "spread_s": [min(ts), max(ts)]})
         print(f"{k:30s} {tps:7.1f} {tps / base:8.2f}  {calls or ''}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
+                                               "load_average_end": os.getloadavg(), "rows": rows}, indent=2))
     return 0
 
 

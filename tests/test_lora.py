@@ -10,7 +10,19 @@ pytest.importorskip("peft")
 import effnb  # noqa: E402
 from effnb.models import state_hash  # noqa: E402
 
-FAST = {"steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 0, "generations": 0, "live": False}
+# tiny runs: few steps, a short held-out slice (the default 4096 tokens is for real models)
+FAST = {"steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 0, "eval_tokens": 256, "generations": 0,
+        "live": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread. Two threads cost ~10x the CPU time per step here (thread hand-offs
+    dwarf 64-wide matmuls, worse on a loaded machine); restored afterwards for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -280,9 +292,14 @@ def test_save_and_load_adapter_roundtrip(trained, llama, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def nf4_lora(llama):
-    q = effnb.quantize(llama, method="nf4", group_size=64).model
-    return q, effnb.lora(q, rank=4, targets="attn-all")
+def nf4(llama):
+    # measure=False: sizes only, no speed/quality audit (that is the quantization tests' job)
+    return effnb.quantize(llama, method="nf4", group_size=64, measure=False).model
+
+
+@pytest.fixture(scope="module")
+def nf4_lora(nf4):
+    return nf4, effnb.lora(nf4, rank=4, targets="attn-all")
 
 
 def test_qlora_on_effnb_nf4_gradients_reach_adapters(nf4_lora):
@@ -318,8 +335,8 @@ def test_dequant_matmul_gradient_matches_float(nf4_lora):
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
 
 
-def test_qlora_frozen_quantized_layers_keep_no_float_weight(llama):
-    q = effnb.quantize(llama, method="nf4", group_size=64).model
+def test_qlora_frozen_quantized_layers_keep_no_float_weight(nf4):
+    q = nf4
     res = effnb.lora(q, rank=2, targets="attn")  # k_proj, o_proj, mlp stay plain QuantLinear
     layer = res.model.get_base_model().model.layers[0].self_attn.k_proj
     x = torch.randn(2, layer.in_features, requires_grad=True)
@@ -349,7 +366,7 @@ def test_qlora_merge_requantizes_and_reports_the_measured_error(nf4_lora):
 
 def test_qlora_on_bitsandbytes_4bit(llama):
     pytest.importorskip("bitsandbytes")
-    q = effnb.quantize(llama, method="nf4", backend="bitsandbytes").model
+    q = effnb.quantize(llama, method="nf4", backend="bitsandbytes", measure=False).model
     res = effnb.lora(q, rank=4, targets="attn")
     assert res.details["technique"] == "QLoRA"
     tuned = effnb.finetune(res.model, **{**FAST, "steps": 2})
@@ -366,9 +383,10 @@ def test_magic_lora_finetune_merge(ip, llama):
     ip.run_line_magic("efficient", "lora model --rank 4 --targets q_proj,v_proj -o lm -q")
     assert ip.user_ns["_efficient"].details["trainable_parameters"] > 0
     assert hasattr(ip.user_ns["lm"], "peft_config")
-    ip.run_line_magic("efficient", "finetune lm --steps 2 --seq-len 32 --generations 0 --eval-every 0 -o tm -q")
+    ip.run_line_magic("efficient", "finetune lm --steps 2 --seq-len 32 --generations 0 --eval-every 0 --eval-tokens 64 "
+                      "-o tm -q")
     assert ip.user_ns["_efficient"].details["steps"] == 2
-    ip.run_line_magic("efficient", "merge tm -o merged -q")
+    ip.run_line_magic("efficient", "merge tm --check-tokens 16 -o merged -q")
     assert ip.user_ns["_efficient"].details["merge_error"]["max_abs_diff"] < 1e-4
     assert not hasattr(ip.user_ns["merged"], "peft_config")
 

@@ -286,3 +286,90 @@ def test_magic_moe_and_moe_stats(ip, tiny_llama, tmp_path):
         with pytest.raises(UsageError) as err:
             ip.run_line_magic("efficient", line)
         assert text in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+# --------------------------------------------------------------------------- quantized experts (effnb.quantize)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_llama):
+    """tiny-llama's FFNs split into 4 experts of 32 neurons, top-2 (a tiny Mixtral-like effnb MoE)."""
+    return effnb.moe(tiny_llama, experts=4, top_k=2, **FAST).model
+
+
+def _expert_bytes(model) -> tuple[int, int]:
+    """(bytes of the experts' stored weights, fp32 bytes of the same weights) over the MoE blocks."""
+    from effnb.moe.quant import QuantMoEFFN
+
+    stored = logical = 0
+    for _, b in effnb.moe.moe_blocks(model):
+        if isinstance(b, QuantMoEFFN):
+            for lin in [*b.experts_in, *b.experts_out]:
+                stored += lin.storage_bytes()
+                logical += 4 * lin.in_features * lin.out_features
+        else:
+            stored += b.w_in.nbytes + b.w_out.nbytes
+            logical += 4 * (b.w_in.numel() + b.w_out.numel())
+    return stored, logical
+
+
+@pytest.mark.parametrize("method,max_ratio,max_rel_err", [("int8", 0.27, 0.02), ("int4", 0.16, 0.2),
+                                                          ("nf4", 0.16, 0.2)])
+def test_quantize_moe_quantizes_every_expert(tiny_moe, method, max_ratio, max_rel_err):
+    from effnb.measure.memory import count_parameters, weight_bytes
+    from effnb.moe.quant import QuantMoEFFN
+    from effnb.quant.linear import QuantLinear
+
+    before = effnb.state_hash(tiny_moe)
+    res = effnb.quantize(tiny_moe, method=method, group_size=32, measure=False)
+    assert effnb.state_hash(tiny_moe) == before  # the MoE model is not changed
+    blocks = [b for _, b in effnb.moe.moe_blocks(res.model)]
+    assert len(blocks) == 2 and all(isinstance(b, QuantMoEFFN) for b in blocks)
+    for b in blocks:  # routers stay full precision; every expert matrix is quantized
+        assert type(b.router) is nn.Linear and b.router.weight.dtype == torch.float32
+        assert all(isinstance(m, QuantLinear) and m.fmt == method for m in [*b.experts_in, *b.experts_out])
+    stored, logical = _expert_bytes(res.model)
+    assert stored / logical <= max_ratio, f"{method}: experts stored at {stored / logical:.3f} of fp32"
+    assert weight_bytes(res.model)[0] < weight_bytes(tiny_moe)[0]
+    assert count_parameters(res.model)[0] == count_parameters(tiny_moe)[0]  # logical parameters are kept
+    names = [s["name"] for s in res.details["layers"]]
+    assert "model.layers.0.mlp.experts.3.w_out" in names and not any(n.endswith("router") for n in names)
+    ref = _logits(tiny_moe)
+    rel = (_logits(res.model) - ref).abs().max().item() / ref.abs().max().item()
+    assert rel < max_rel_err, f"{method}: max |logit error| / max |logit| = {rel:.3g}"
+
+
+def test_quantized_block_equals_block_with_dequantized_experts(tiny_moe):
+    """QuantMoEFFN computes exactly the MoE block with each expert's weights replaced by their dequantized values."""
+    res = effnb.quantize(tiny_moe, method="int4", group_size=32, measure=False)
+    q = effnb.moe.moe_blocks(res.model)[0][1]
+    src = effnb.moe.moe_blocks(tiny_moe)[0][1]
+    ref = MoEFFN(src.hidden, src.expert_size, src.experts, src.top_k, src.act, gated=True, router_bias=True)
+    with torch.no_grad():
+        ref.router.load_state_dict(q.router.state_dict())
+        for e in range(src.experts):
+            ref.w_in[e].copy_(q.experts_in[e].dequantize().T)
+            ref.w_out[e].copy_(q.experts_out[e].dequantize().T)
+    x = torch.randn(37, src.hidden, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        y, want = q(x), ref(x)
+    assert torch.equal(q.last_expert_index, ref.last_expert_index)
+    assert (y - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_quantize_moe_include_exclude_and_errors(tiny_moe):
+    from effnb.moe.quant import QuantMoEFFN
+
+    res = effnb.quantize(tiny_moe, method="int8", group_size=32, exclude=["*.w_out"], measure=False)
+    b = effnb.moe.moe_blocks(res.model)[0][1]
+    assert isinstance(b, QuantMoEFFN) and type(b.experts_out[0]) is nn.Linear
+    effnb.moe.set_top_k(res.model, 3)  # routing statistics and re-routing work on quantized blocks
+    stats = effnb.moe_stats(res.model, "def add(a, b):\n    return a + b\n")
+    assert len(stats.layers) == 2 and all(sum(r["tokens_per_expert"]) == r["tokens"] * 3 for r in stats.layers)
+    with pytest.raises(ValueError, match=r"group_size=64 does not divide the experts' w_out of 'model.layers.0.mlp' "
+                                         r"\(in_features=32\); group sizes that divide it: 32"):
+        effnb.quantize(tiny_moe, method="int4", group_size=64, measure=False)
+    with pytest.raises(ValueError, match="gptq cannot quantize the MoE experts of 'model.layers.0.mlp'"):
+        effnb.quantize(tiny_moe, method="gptq", group_size=32, measure=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        effnb.quantize(res.model, method="int8", measure=False)

@@ -40,10 +40,16 @@ def test_sizes_quality_and_input_untouched(tiny, method, min_ratio):
     assert rel < bound, f"{method}: relative logit error {rel:.4f}"
 
 
-def test_hqq_beats_round_to_nearest_on_weights(tiny):
-    rtn = effnb.quantize(tiny, method="int4", measure=False)
+def test_hqq_beats_its_starting_grid_on_weights(tiny):
+    def snr(**kw):
+        return effnb.quantize(tiny, measure=False, **kw).report.rows[1]["extra"]["snr_db_mean"]
+
+    # default grid: NF4 codes, optimised block scales, stored as nf4 (bitsandbytes' layout)
     hqq = effnb.quantize(tiny, method="hqq", measure=False)
-    assert hqq.report.rows[1]["extra"]["snr_db_mean"] > rtn.report.rows[1]["extra"]["snr_db_mean"] + 0.3
+    assert hqq.model.model.layers[0].mlp.up_proj.fmt == "nf4"
+    assert snr(method="hqq") > snr(method="nf4") + 0.2
+    # the HQQ paper's grid: asymmetric int4 with optimised zeros
+    assert snr(method="hqq", hqq_grid="int4") > snr(method="int4") + 0.3
 
 
 def _correlated_layer(n=96, k=256, seed=0):
@@ -111,6 +117,7 @@ def test_inplace_is_the_only_way_to_change_the_input():
     ({"method": "nf4", "include": ["nothing.*"]}, "nothing to quantize"),
     ({"method": "int4", "group_size": 256}, "group sizes that divide it: 32, 64"),
     ({"method": "nf4", "bogus": 1}, "unknown quantize option 'bogus'"),
+    ({"method": "hqq", "hqq_grid": "nf5"}, "did you mean 'nf4'"),
 ])
 def test_bad_input_one_clear_line_and_input_untouched(tiny, kwargs, needle):
     before = effnb.state_hash(tiny)

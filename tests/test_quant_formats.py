@@ -49,8 +49,35 @@ def test_auto_backend_names_the_path_that_ran():
     layer(torch.randn(1, layer.in_features))  # decode-sized
     layer(torch.randn(64, layer.in_features))  # prefill-sized: dequantize + GEMM
     calls = layer.backend_calls
-    assert calls["reference"] == 1
-    assert calls["cpu-fast"] == (1 if cpu_ext.library() is not None else 0)
+    compiled = cpu_ext.library() is not None
+    assert calls["cpu-fast"] == (1 if compiled else 0)
+    assert calls["cpu-dequant"] == (1 if compiled else 0)  # compiled dequantize, not the PyTorch one
+    assert calls["reference"] == (0 if compiled else 2)
+
+
+@pytest.mark.parametrize("fmt,kw", CASES)
+def test_prefill_and_training_take_the_compiled_path_and_equal_the_reference(fmt, kw):
+    """Inputs too large for the decode kernels (prefill) and inputs that need gradients (QLoRA)
+    run the compiled dequantize + GEMM: weights identical to ``dequantize()``, so outputs and
+    input gradients equal the reference path exactly."""
+    if cpu_ext.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
+    from effnb.quant.backends import cpu_dequantize
+
+    layer, _ = _layer(fmt, **kw)
+    assert torch.equal(cpu_dequantize(layer), layer.dequantize())
+    x = torch.randn(2, 40, layer.in_features)
+    layer.backend = "reference"
+    ref = layer(x)
+    xr = x[:1, :3].clone().requires_grad_(True)
+    layer(xr).pow(2).sum().backward()
+    layer.backend = "auto"
+    layer.reset_backend_calls()
+    assert torch.equal(layer(x), ref)
+    xf = x[:1, :3].clone().requires_grad_(True)
+    layer(xf).pow(2).sum().backward()
+    assert torch.equal(xf.grad, xr.grad)
+    assert dict(layer.backend_calls) == {"cpu-dequant": 2}
 
 
 def test_int4_packing_layout():
@@ -144,3 +171,33 @@ def test_compiled_hqq_matches_reference():
     assert snr(fast) > snr(rtn) + 0.3
     deq = F.dequantize_int4(fast["qweight"], fast["scales"], fast["zeros"], 64)
     assert fast["_sq_err"] == pytest.approx((w.double() - deq.double()).pow(2).sum().item(), rel=1e-4)
+
+
+def test_hqq_nf4_grid_compiled_equals_reference_and_beats_plain_nf4():
+    """Default ``hqq``: NF4 codes with a searched block scale. The compiled search picks the same
+    scales and codes as the PyTorch reference, the scale is never above the block's absmax, and the
+    magnitude-weighted error it minimises is never above plain NF4's (absmax is one candidate)."""
+    from effnb.quant import methods
+
+    if cpu_ext.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
+    torch.manual_seed(5)
+    w = torch.randn(96, 256) * 0.02
+    w[3, 5] = 0.3  # an outlier
+    w[7, :64] = 0.0  # an all-zero block
+    fast, ref = methods.hqq_nf4(w, 64), methods.hqq_nf4_reference(w, 64)
+    assert (fast["qweight"] == ref["qweight"]).float().mean().item() > 0.995
+    assert (fast["absmax"] == ref["absmax"]).float().mean().item() > 0.99
+    am = w.reshape(-1, 64).abs().amax(-1)
+    assert torch.all(fast["absmax"] <= am) and torch.all(fast["absmax"] >= 0.8 * am - 1e-9)
+    deq = F.dequantize_4bit(fast["qweight"], fast["absmax"], 64, "nf4", w.shape)
+    assert fast["_sq_err"] == pytest.approx((w.double() - deq.double()).pow(2).sum().item(), rel=1e-5)
+    packed, absmax = F.quantize_4bit(w, 64, "nf4")
+    plain = F.dequantize_4bit(packed, absmax, 64, "nf4", w.shape)
+    wt = 1 + methods.NF4_SEARCH_ALPHA * (w.reshape(-1, 64) / am.clamp(min=1e-38).unsqueeze(1)).pow(2)
+
+    def werr(d):
+        return (wt * (w - d).reshape(-1, 64).pow(2)).sum(-1)
+
+    assert torch.all(werr(deq) <= werr(plain) * (1 + 1e-5))
+    assert werr(deq).sum() < 0.95 * werr(plain).sum()

@@ -18,7 +18,8 @@ from .config import MoEConfig, MoEStatsConfig
 _LAZY = {
     "moe": ".api", "moe_stats": ".api", "set_top_k": ".api",
     "MoEFFN": ".block", "aux_loss": ".block", "moe_blocks": ".block", "moe_ffn": ".block",
-    "moe_ffn_reference": ".block", "switch_aux_loss": ".block",
+    "moe_ffn_reference": ".block", "switch_aux_loss": ".block", "set_grouped_backend": ".block",
+    "QuantMoEFFN": ".quant",
     "find_ffns": ".ffn", "MoEStats": ".stats", "routing_stats": ".stats",
     "balanced_kmeans": ".split",
 }

@@ -14,7 +14,9 @@ Only the selected expert slices are multiplied: at top-2 of 8 experts the matmul
 of the dense FFN's. ``moe_ffn_reference`` is the plain per-expert-mask version the fast path is
 tested against. On the CPU, and where ``torch._grouped_mm`` cannot run a case (dtype, alignment),
 the same sorted layout is processed by one matmul per non-empty expert (measured faster than the
-CPU ``_grouped_mm``); ``grouped_backend()`` says which runs.
+CPU ``_grouped_mm``). On CUDA without ``_grouped_mm`` support (fp16, pre-sm90), inference runs
+effnb's Triton grouped GEMM (``effnb.kernels.moe_grouped``). ``grouped_backend()`` says which
+runs; ``set_grouped_backend()`` forces one.
 """
 
 from __future__ import annotations
@@ -86,12 +88,55 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+BACKENDS = ("auto", "torch._grouped_mm", "triton", "per-expert loop")
+_backend = {"name": "auto"}
 _backend_logged: set[str] = set()
 
 
-def grouped_backend(x: torch.Tensor, w: torch.Tensor) -> str:
-    """Which grouped matmul runs for these operands: 'torch._grouped_mm' or 'per-expert loop'."""
-    name = "torch._grouped_mm" if _grouped_mm_supported(x, w) else "per-expert loop"
+def set_grouped_backend(name: str) -> str:
+    """Force the grouped matmul of every effnb MoE block ('auto' restores the default). Returns the previous one.
+
+    'auto': ``torch._grouped_mm`` where it runs (CUDA bf16, sm90+), else effnb's Triton kernel on
+    CUDA (inference only), else one matmul per expert. Which of the two GPU kernels is faster has
+    not been measured yet (no GPU was available): compare with ``benchmarks/moe.py --device cuda``.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown grouped matmul backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    old, _backend["name"] = _backend["name"], name
+    return old
+
+
+def _triton_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """effnb's Triton grouped GEMM: CUDA tensors (or CPU ones under TRITON_INTERPRET=1), fp16/bf16/fp32."""
+    import importlib.util
+    import sys
+
+    if x.dtype != w.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if x.device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    if x.device.type == "cpu" and "triton" in sys.modules:
+        return bool(sys.modules["triton"].knobs.runtime.interpret)
+    return False
+
+
+def grouped_backend(x: torch.Tensor, w: torch.Tensor, needs_grad: bool = False) -> str:
+    """Which grouped matmul runs for these operands: 'torch._grouped_mm', 'triton' or 'per-expert loop'."""
+    forced = _backend["name"]
+    if forced == "auto":
+        if _grouped_mm_supported(x, w):
+            name = "torch._grouped_mm"
+        elif x.device.type == "cuda" and not needs_grad and _triton_supported(x, w):
+            name = "triton"
+        else:
+            name = "per-expert loop"
+    else:
+        ok = {"torch._grouped_mm": lambda: hasattr(torch, "_grouped_mm") and x.dtype == w.dtype,
+              "triton": lambda: not needs_grad and _triton_supported(x, w), "per-expert loop": lambda: True}[forced]()
+        if not ok:
+            raise ValueError(f"grouped matmul backend {forced!r} cannot run {x.device.type} {x.dtype}"
+                             + (" with gradients" if needs_grad else "") + "; use set_grouped_backend('auto')")
+        name = forced
     key = f"{name}:{x.device.type}:{x.dtype}"
     if key not in _backend_logged:
         _backend_logged.add(key)
@@ -99,13 +144,20 @@ def grouped_backend(x: torch.Tensor, w: torch.Tensor) -> str:
     return name
 
 
-def grouped_matmul(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_list: list[int] | None = None):
+def grouped_matmul(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_list: list[int] | None = None,
+                   backend: str | None = None):
     """Rows of ``xs`` [N, K] sorted by expert (``counts`` [E] rows each) times ``w[e]`` [K, M] -> [N, M]."""
-    if grouped_backend(xs, w) == "torch._grouped_mm":
+    needs_grad = torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)
+    backend = backend or grouped_backend(xs, w, needs_grad)
+    if backend == "torch._grouped_mm":
         offs = counts.cumsum(0).to(torch.int32)
-        if torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad):
+        if needs_grad:
             return _ContiguousGrad.apply(torch._grouped_mm(xs, w, offs=offs))
         return torch._grouped_mm(xs, w, offs=offs)
+    if backend == "triton":
+        from effnb.kernels.moe_grouped import grouped_mm
+
+        return grouped_mm(xs, w, counts.cumsum(0).to(torch.int32))
     counts_list = counts.tolist() if counts_list is None else counts_list
     outs, start = [], 0
     for e, n in enumerate(counts_list):
@@ -169,16 +221,32 @@ def moe_ffn(x: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor |
             w_te = torch.zeros(T, E, dtype=a.dtype, device=a.device).scatter(1, expert_index, weights.to(a.dtype))
             a = a * w_te.t().unsqueeze(-1)
         return a.transpose(0, 1).reshape(T, E * ie) @ w_out.reshape(E * ie, -1)  # [T, H]
-    flat = expert_index.reshape(-1)  # [T*k]
-    order = torch.argsort(flat, stable=True)  # assignments sorted by expert
-    token = order // k  # token of each sorted assignment
-    counts = torch.bincount(flat, minlength=E)  # [E]
-    counts_list = None if _grouped_mm_supported(x, w_in) else counts.tolist()
+    order, token, counts = permute(expert_index, E)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
+    backend = grouped_backend(x, w_in, needs_grad)
+    counts_list = counts.tolist() if backend == "per-expert loop" else None
     xs = x.index_select(0, token)  # [T*k, H]
-    h = grouped_matmul(xs, w_in, counts, counts_list)  # [T*k, n_in*Ie]
+    h = grouped_matmul(xs, w_in, counts, counts_list, backend)  # [T*k, n_in*Ie]
     if b_in is not None:
         h = h + b_in.repeat_interleave(counts, dim=0, output_size=T * k)
-    ys = grouped_matmul(_activate(h, act, gated, ie), w_out, counts, counts_list)  # [T*k, H]
+    ys = grouped_matmul(_activate(h, act, gated, ie), w_out, counts, counts_list, backend)  # [T*k, H]
+    return unpermute_combine(ys, order, weights, T, k)
+
+
+def permute(expert_index: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the T*k (token, expert) assignments by expert.
+
+    Returns (order [T*k]: flat assignment index of each sorted row, token [T*k]: its token,
+    counts [E]: rows per expert). ``x.index_select(0, token)`` is the permuted input.
+    """
+    k = expert_index.shape[1]
+    flat = expert_index.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)  # assignments sorted by expert
+    return order, order // k, torch.bincount(flat, minlength=experts)
+
+
+def unpermute_combine(ys: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | None, T: int, k: int):
+    """Rows ``ys`` [T*k, H] in expert order back to token order, combined over the k experts -> [T, H]."""
     # un-permute with a gather (index_add_/scatter on the CPU is many times slower), then combine the k
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)

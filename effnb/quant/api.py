@@ -34,6 +34,9 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     check_model(model)
     t0 = time.perf_counter()
     targets = select_layers(model, cfg)
+    from ..moe.quant import prepare_moe  # effnb MoE blocks: experts quantized one by one, routers kept
+
+    targets, finish_moe = prepare_moe(model, targets, cfg)
     hessians = _calibrate(model, targets, cfg) if cfg.method == "gptq" else {}
     new_layers, layer_stats = {}, []
     try:
@@ -46,6 +49,7 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
         hessians.clear()
     qmodel = model if cfg.inplace else _copy_without(model, targets)
     _swap(qmodel, new_layers)
+    layer_stats += finish_moe(qmodel)
     quant_s = time.perf_counter() - t0
     from .report import build_result
 
@@ -158,7 +162,9 @@ def _quantize_layer(lname: str, m, cfg: QuantConfig, hessian):
     k, n = _in_out(m)
     w = _weight_nk(m)
     bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
-    if cfg.method == "hqq":
+    if cfg.method == "hqq" and cfg.fmt == "nf4":
+        tensors = methods.hqq_nf4(w, cfg.group_size)
+    elif cfg.method == "hqq":
         tensors = methods.hqq(w, cfg.bits, cfg.group_size, iters=cfg.hqq_iters, symmetric=cfg.symmetric)
     elif cfg.method == "gptq":
         if _FACTOR_CACHE.get("id") != id(hessian):  # q/k/v and gate/up share one factorisation
@@ -272,12 +278,18 @@ def _calibrate(model, targets: dict, cfg: QuantConfig) -> dict:
 
     handles = [m.register_forward_pre_hook(hook(lname)) for lname, m in targets.items()]
     device = next(model.parameters()).device
+    # The output head of a causal LM is ~20% of SmolLM2's forward FLOPs: when it is not quantized,
+    # run the base model only (same inputs reach every target layer).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", model)
+    runner = base if head is not None and base is not model and not any(m is head for m in targets.values()) \
+        else model
     was_training = model.training
     try:
         model.eval()
         with torch.inference_mode():
             for i in range(0, n_seq, 4):
-                model(input_ids=batches[i:i + 4].to(device))
+                runner(input_ids=batches[i:i + 4].to(device))
     finally:
         last["x"] = None
         for h in handles:

@@ -2,6 +2,7 @@
 
     cuda-kernel   effnb.kernels.interface (x on CUDA and the kernels import)
     cpu-fast      effnb's AVX2 kernels (csrc/qlinear.cpp) for decode-sized inputs on CPU
+    cpu-dequant   compiled dequantize + torch GEMM on CPU: prefill, and inputs that need gradients
     reference     dequantize to fp32 + torch.nn.functional.linear: runs anywhere, the ground truth
 
 Each backend answers ``supports(layer, x)`` with None (yes) or the reason it cannot run; a
@@ -162,6 +163,56 @@ def _cpu_run(layer, x: torch.Tensor) -> torch.Tensor:
     return run(x)
 
 
+# ----------------------------------------------------------------------------------- cpu-dequant
+# Prefill (more than MAX_FAST_ROWS rows) and calls that need gradients (QLoRA training): the
+# weight is dequantized by the compiled routine (values identical to ``layer.dequantize()``) and
+# multiplied by torch's GEMM, which also gives autograd its backward for the input.
+
+
+def _cpu_dequant_supports(layer, x: torch.Tensor) -> str | None:
+    if x.device.type != "cpu":
+        return "input not on CPU"
+    if layer.fmt not in _CPU_FORMATS:
+        return f"format {layer.fmt} has no CPU kernel"
+    K, g = layer.in_features, layer.group_size
+    if layer.fmt in ("int4", "int8"):
+        if K % 32 or g % 32:
+            return f"in_features {K} or group size {g} not a multiple of 32"
+        if layer.scales.dtype != torch.float16:
+            return "scales not stored in fp16"
+    if cpu_ext.library() is None:
+        return f"kernels unavailable ({cpu_ext.status()['reason']})"
+    return None
+
+
+def cpu_dequantize(layer) -> torch.Tensor:
+    """``layer.dequantize()`` computed by the compiled CPU routine (same values, fp32 [N, K])."""
+    lib = cpu_ext.library()
+    N, K, g = layer.out_features, layer.in_features, layer.group_size
+    # one thread writes ~7 GB/s of fp32: threads pay off only for large weights (and a thread
+    # descheduled on a busy machine would stall the others at the barrier)
+    nt = cpu_ext.num_threads() if N * K >= 1 << 22 else 1
+    out = torch.empty(N, K, dtype=torch.float32)
+    if layer.fmt == "int4":
+        lib.effnb_int4_dequant(layer.qweight.data_ptr(), layer.scales.data_ptr(), _ptr(layer.zeros), N, K, g,
+                               out.data_ptr(), nt)
+    elif layer.fmt == "int8":
+        lib.effnb_int8_dequant(layer.qweight.data_ptr(), layer.scales.data_ptr(), N, K, g, out.data_ptr(), nt)
+    else:
+        absmax = layer.absmax_fp32().float().contiguous()
+        lib.effnb_lut4_dequant(layer.qweight.data_ptr(), absmax.data_ptr(), N * K, g, _table(layer.fmt).data_ptr(),
+                               out.data_ptr(), nt)
+    return out
+
+
+def _cpu_dequant_run(layer, x: torch.Tensor) -> torch.Tensor:
+    w = cpu_dequantize(layer)
+    if x.dtype != torch.float32:
+        w = w.to(x.dtype)
+    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+    return F.linear(x, w, bias)
+
+
 _TABLES: dict[str, torch.Tensor] = {}
 
 
@@ -221,4 +272,5 @@ def _cuda_run(layer, x: torch.Tensor) -> torch.Tensor:
 
 register_backend(Backend("reference", "reference", lambda layer, x: None, _reference_run))
 register_backend(Backend("cpu-fast", "cpu", _cpu_supports, _cpu_run))
+register_backend(Backend("cpu-dequant", "cpu", _cpu_dequant_supports, _cpu_dequant_run))
 register_backend(Backend("cuda-kernel", "cuda", _cuda_supports, _cuda_run), before="cpu-fast")

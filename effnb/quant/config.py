@@ -9,7 +9,10 @@ Methods and what they cost (4 bits, group 64, measured in docs/benchmarks.md):
   int4      round-to-nearest int4, asymmetric (float zero) or --symmetric; instant, lowest quality.
   nf4, fp4  bitsandbytes' NormalFloat4 / FP4, same bytes as bitsandbytes (either side reads the
             other's weights); optional double quantization of the block absmax (QLoRA).
-  hqq       int4 with half-quadratic optimisation of zeros (no calibration data), seconds.
+  hqq       calibration-free grid optimisation, seconds. Default --hqq-grid nf4: NF4 codes with each
+            block's scale searched (magnitude-weighted least squares), stored as nf4 (same bytes,
+            kernels and bitsandbytes compatibility); --hqq-grid int4: the HQQ paper's half-quadratic
+            optimisation of asymmetric int4 zeros.
   gptq      int4 with second-order error compensation from calibration text, ~a minute on CPU.
   fp8       float8 e4m3 weight-only with a per-group scale.
   llm.int8  bitsandbytes' LLM.int8() (int8 with fp16 outlier columns); runs through bitsandbytes.
@@ -59,7 +62,10 @@ class QuantConfig:
         "help": "gptq: calibration text or file path (default: effnb's built-in calibration text)"})
     calibration_samples: int = field(default=32, metadata={"help": "gptq: number of calibration sequences"})
     calibration_tokens: int = field(default=256, metadata={"help": "gptq: tokens per calibration sequence"})
-    hqq_iters: int = field(default=20, metadata={"help": "hqq: optimisation iterations per layer"})
+    hqq_iters: int = field(default=20, metadata={"help": "hqq --hqq-grid int4: optimisation iterations per layer"})
+    hqq_grid: str = field(default="nf4", metadata={
+        "help": "hqq: nf4 (NF4 codes, optimised block scales; best quality) or int4 (asymmetric int4, "
+                "half-quadratic zero optimisation as in the HQQ paper)", "choices": ["nf4", "int4"]})
     gptq_damp: float = field(default=0.01, metadata={"help": "gptq: dampening, fraction of the mean Hessian diagonal"})
     llm_int8_threshold: float = field(default=6.0, metadata={"help": "llm.int8: outlier threshold"})
     inplace: bool = field(default=False, metadata={
@@ -91,6 +97,9 @@ class QuantConfig:
                                  f"{'; 0 = per output channel' if per_channel else ''})")
         if self.double_quant and self.method not in ("nf4", "fp4"):
             raise ValueError(f"double_quant applies to nf4 and fp4 only, not method {self.method!r}")
+        if self.hqq_grid not in ("nf4", "int4"):
+            raise ValueError(f"unknown hqq_grid {self.hqq_grid!r}{_did_you_mean(self.hqq_grid, ('nf4', 'int4'))} "
+                             "(grids: nf4, int4)")
         if self.symmetric and self.method not in ("int4", "hqq", "gptq"):
             raise ValueError(f"symmetric applies to int4, hqq and gptq only, not method {self.method!r}")
         if self.backend not in BACKENDS:
@@ -117,6 +126,8 @@ class QuantConfig:
     @property
     def fmt(self) -> str:
         """Storage format of the quantized layers."""
+        if self.method == "hqq" and self.bits == 4 and self.hqq_grid == "nf4" and not self.symmetric:
+            return "nf4"
         if self.method in ("hqq", "gptq"):
             return "int4" if self.bits == 4 else "int8"
         return {"llm.int8": "int8"}.get(self.method, self.method)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "qlinear.cpp"
 _FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-_ABI = 4
+_ABI = 5
 
 _lib: ctypes.CDLL | None = None
 _status: dict = {"loaded": False, "reason": "not built yet", "path": None}
@@ -43,6 +43,11 @@ _SIGNATURES = {
                   ctypes.c_int, _p, _p, _p, _p, ctypes.c_int],
     "effnb_gptq_block": [_p, _i64, _i64, _p, _p, _p, ctypes.c_float, _i64, _i64, _i64, ctypes.c_float,
                          ctypes.c_float, _p, _p, ctypes.c_int],
+    "effnb_int4_dequant": [_p, _p, _p, _i64, _i64, _i64, _p, ctypes.c_int],
+    "effnb_int8_dequant": [_p, _p, _i64, _i64, _i64, _p, ctypes.c_int],
+    "effnb_lut4_dequant": [_p, _p, _i64, _i64, _p, _p, ctypes.c_int],
+    "effnb_nf4_search": [_p, _i64, _i64, _p, _p, _p, ctypes.c_float, ctypes.c_float, ctypes.c_int, _p, _p, _p,
+                         ctypes.c_int],
 }
 
 

@@ -1,8 +1,10 @@
 """Quantization methods: weight [N, K] (fp32) -> the tensors of a storage format (formats.py).
 
 rtn    round to nearest with each group's range (int4, int8, fp8, nf4, fp4)
-hqq    half-quadratic optimisation of the int4 zero-points (Badri & Shaji, 2023), then a
-       least-squares refit of scale and zero on the chosen codes; no calibration data
+hqq    calibration-free optimisation of the quantization grid. Default (grid "nf4"): NF4 codes
+       with each block's scale searched to minimise a magnitude-weighted squared error
+       (``hqq_nf4``). Grid "int4": half-quadratic optimisation of the int4 zero-points (Badri &
+       Shaji, 2023), then a least-squares refit of scale and zero on the chosen codes (``hqq``)
 gptq   column-by-column rounding with second-order error feedback (Frantar et al., 2022), using
        the Hessian H = 2 X^T X of the layer's calibration inputs
 """
@@ -121,6 +123,80 @@ def hqq_reference(w: torch.Tensor, bits: int, g: int, *, iters: int = 20, refit_
         q, err = torch.where(better, q2, q), torch.minimum(err, err2)
     return {"qweight": F.pack_int4(q.reshape(N, K).to(torch.uint8)), "scales": s16.reshape(N, K // g),
             "zeros": z16.reshape(N, K // g)}
+
+
+# ----------------------------------------------------------------------------- hqq, NF4 grid
+
+NF4_SEARCH_ALPHA, NF4_SEARCH_LOW, NF4_SEARCH_STEPS = 16.0, 0.9, 6
+
+
+def _search_factors(low: float, steps: int) -> list[torch.Tensor]:
+    """The scale factors tried, in float32 exactly as the compiled routine computes them."""
+    f = torch.float32
+    lo, one = torch.tensor(low, dtype=f), torch.tensor(1.0, dtype=f)
+    if steps == 1:
+        return [one]
+    return [lo + (one - lo) * torch.tensor(float(i), dtype=f) / torch.tensor(float(steps - 1), dtype=f)
+            for i in range(steps)]
+
+
+def hqq_nf4(w: torch.Tensor, group_size: int, *, alpha: float | None = None, low: float | None = None,
+            steps: int | None = None) -> dict:
+    """Calibration-free NF4 with an optimised scale per block (effnb's default ``hqq``).
+
+    NF4's levels suit normally distributed weights, but its scale, the block's absmax, is set by one
+    weight. Here each block's scale is chosen among absmax * a (a from ``low`` to 1, ``steps``
+    values) to minimise the weighted squared error sum (1 + alpha (w / absmax)^2) (w - w_q)^2:
+    large weights, whose errors the activations amplify most, count up to 1 + alpha times more.
+    Stored exactly as bitsandbytes' NF4 (the scale in the absmax slot): same bytes per weight,
+    same kernels, readable by bitsandbytes. Compiled on CPU when available, else
+    ``hqq_nf4_reference`` (same arithmetic up to the order of the error sums).
+    """
+    g = group_size
+    alpha = NF4_SEARCH_ALPHA if alpha is None else alpha
+    low = NF4_SEARCH_LOW if low is None else low
+    steps = NF4_SEARCH_STEPS if steps is None else steps
+    if w.device.type == "cpu" and w.numel() % 2 == 0:
+        from . import cpu_ext
+
+        lib = cpu_ext.library(quiet=True)
+        if lib is not None:
+            flat = w.detach().reshape(-1).to(torch.float32).contiguous()
+            code, bounds, order = F._4bit_search("nf4")
+            order8 = order.to(torch.uint8)
+            packed = torch.empty(flat.numel() // 2, dtype=torch.uint8)
+            scales = torch.empty(-(-flat.numel() // g), dtype=torch.float32)
+            err = F.ctypes_double()
+            lib.effnb_nf4_search(flat.data_ptr(), flat.numel(), g, bounds.data_ptr(), order8.data_ptr(),
+                                 code.data_ptr(), alpha, low, steps, packed.data_ptr(), scales.data_ptr(),
+                                 F.ctypes_ref(err), cpu_ext.num_threads())
+            return {"qweight": packed, "absmax": scales, "_sq_err": float(err.value)}
+    return hqq_nf4_reference(w, g, alpha=alpha, low=low, steps=steps)
+
+
+def hqq_nf4_reference(w: torch.Tensor, group_size: int, *, alpha: float = NF4_SEARCH_ALPHA,
+                      low: float = NF4_SEARCH_LOW, steps: int = NF4_SEARCH_STEPS) -> dict:
+    """PyTorch reference of ``hqq_nf4`` (whole blocks only: numel a multiple of group_size)."""
+    code, bounds, order = F._4bit_search("nf4")
+    wg = w.detach().reshape(-1, group_size).float()
+    am = wg.abs().amax(-1, keepdim=True)
+    wt = 1.0 + alpha * (wg * (1.0 / am.clamp(min=1e-38))).pow(2)
+
+    def codes(s):
+        sc = torch.clamp(wg * (1.0 / s.clamp(min=1e-38)), -1, 1)
+        return order[torch.bucketize(sc, bounds)]
+
+    best_e = best_s = None
+    for a in _search_factors(low, steps):
+        s = am * a
+        e = (wt * (wg - code[codes(s)] * s).pow(2)).sum(-1, keepdim=True)
+        if best_e is None:
+            best_e, best_s = e, s
+        else:
+            better = e < best_e
+            best_e, best_s = torch.where(better, e, best_e), torch.where(better, s, best_s)
+    q = codes(best_s).to(torch.uint8).reshape(-1)
+    return {"qweight": (q[::2] << 4) | q[1::2], "absmax": best_s.reshape(-1)}
 
 
 # ------------------------------------------------------------------------------------------ gptq

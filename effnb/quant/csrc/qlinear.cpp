@@ -348,7 +348,7 @@ extern "C" void effnb_hqq(const float* W, int64_t ngroups, int64_t g, int levels
 
 extern "C" {
 
-int effnb_abi_version() { return 4; }
+int effnb_abi_version() { return 5; }
 
 void effnb_int4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const uint16_t* scales,
                        const uint16_t* zeros, int64_t g, const float* bias, float* y, int nthreads) {
@@ -430,6 +430,70 @@ void effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bou
     *sq_err = total;
 }
 
+// ------------------------------------------------------------- hqq on the NF4 grid (scale search)
+// Per block: the stored scale (bitsandbytes' "absmax" slot) is chosen among absmax * a for a in
+// a_lo .. 1 (nsteps values, evenly spaced, 1 last) to minimise sum_k wt_k (w_k - table[q_k] s)^2 with
+// wt_k = 1 + alpha (w_k / absmax)^2 (large weights count more); codes for each candidate as
+// effnb_quantize_4bit picks them (bitsandbytes' arithmetic with that scale). A tie keeps the
+// earlier candidate. Writes the codes (bitsandbytes layout), the chosen scales, and the plain
+// (unweighted) squared error. methods.hqq_nf4_reference is the PyTorch reference.
+void effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
+                      const float* table, float alpha, float a_lo, int nsteps, uint8_t* packed, float* scales,
+                      double* sq_err, int nthreads) {
+    const int64_t nblocks = (n + bs - 1) / bs;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
+        float am = 0.f;
+        for (int64_t k = k0; k < k1; ++k) am = fabsf(w[k]) > am ? fabsf(w[k]) : am;
+        const float am_safe = am > 1e-38f ? am : 1e-38f;
+        const float inv_am = 1.0f / am_safe;
+        float best_s = am, best_e = INFINITY;
+        for (int st = 0; st < nsteps; ++st) {
+            const float a = nsteps > 1 ? a_lo + (1.0f - a_lo) * (float)st / (float)(nsteps - 1) : 1.0f;
+            const float s = am * a;
+            const float inv = 1.0f / (s > 1e-38f ? s : 1e-38f);
+            float e = 0.f;
+            for (int64_t k = k0; k < k1; ++k) {
+                float sc = w[k] * inv;
+                sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
+                int idx = 0;
+                idx += (sc > bounds[idx + 7]) ? 8 : 0;
+                idx += (sc > bounds[idx + 3]) ? 4 : 0;
+                idx += (sc > bounds[idx + 1]) ? 2 : 0;
+                idx += (sc > bounds[idx]) ? 1 : 0;
+                const float d = w[k] - table[order[idx]] * s;
+                const float r = w[k] * inv_am;
+                e += (1.0f + alpha * r * r) * d * d;
+            }
+            if (e < best_e) { best_e = e; best_s = s; }
+        }
+        scales[b] = best_s;
+        const float inv = 1.0f / (best_s > 1e-38f ? best_s : 1e-38f);
+        double err = 0.0;
+        for (int64_t k = k0; k < k1; k += 2) {
+            uint8_t q2[2] = {0, 0};
+            for (int j = 0; j < 2 && k + j < k1; ++j) {
+                float sc = w[k + j] * inv;
+                sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
+                int idx = 0;
+                idx += (sc > bounds[idx + 7]) ? 8 : 0;
+                idx += (sc > bounds[idx + 3]) ? 4 : 0;
+                idx += (sc > bounds[idx + 1]) ? 2 : 0;
+                idx += (sc > bounds[idx]) ? 1 : 0;
+                const uint8_t q = order[idx];
+                q2[j] = q;
+                const float d = w[k + j] - table[q] * best_s;
+                err += (double)d * d;
+            }
+            packed[k / 2] = (uint8_t)((q2[0] << 4) | q2[1]);
+        }
+        total += err;
+    }
+    *sq_err = total;
+}
+
 // -------------------------------------------------------------------------- GPTQ inner loop
 // One block of B columns of GPTQ (Frantar et al., 2022), all N rows (rows are independent given
 // the Hessian, so they are split over the threads). W1 [N, B] row-major is updated in place;
@@ -454,6 +518,83 @@ void effnb_gptq_block(float* W1, int64_t N, int64_t B, const float* Hinv1, const
             E1[n * B + i] = e;
             const float* h = Hinv1 + i * B;
             for (int64_t j = i + 1; j < B; ++j) w[j] -= e * h[j];
+        }
+    }
+}
+
+// ------------------------------------------------------------------------ dequantize (prefill)
+// The whole weight as fp32 [N, K], value for value what formats.py's dequantize_* compute (same
+// fp32 operations, no fused multiply-add), so a prefill or a training step with gradients runs
+// dequantize-here + torch's GEMM with results identical to the reference path, ~10x faster than
+// dequantizing with PyTorch ops. K and g multiples of 32 for int4/int8 (the caller checks).
+void effnb_int4_dequant(const uint8_t* qw, const uint16_t* scales, const uint16_t* zeros, int64_t N, int64_t K,
+                        int64_t g, float* out, int nthreads) {
+    const int64_t G = K / g;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* row = qw + n * (K / 2);
+        float* o = out + n * K;
+        for (int64_t gi = 0; gi < G; ++gi) {
+            const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
+            const __m256 zv = _mm256_set1_ps(zeros ? h2f(zeros[n * G + gi]) : 8.f);
+            for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {
+                __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2));
+                __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+                __m128i q0 = _mm_unpacklo_epi8(lo, hi), q1 = _mm_unpackhi_epi8(lo, hi);  // columns in order
+                __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
+                for (int j = 0; j < 4; ++j) {
+                    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+                    _mm256_storeu_ps(o + c + 8 * j, _mm256_mul_ps(_mm256_sub_ps(v, zv), sv));
+                }
+            }
+        }
+    }
+}
+
+void effnb_int8_dequant(const int8_t* qw, const uint16_t* scales, int64_t N, int64_t K, int64_t g, float* out,
+                        int nthreads) {
+    const int64_t G = K / g;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t n = 0; n < N; ++n) {
+        for (int64_t gi = 0; gi < G; ++gi) {
+            const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
+            for (int64_t c = gi * g; c < (gi + 1) * g; c += 8) {
+                __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qw + n * K + c));
+                _mm256_storeu_ps(out + n * K + c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sv));
+            }
+        }
+    }
+}
+
+// nf4/fp4 in bitsandbytes' flat layout (element 2i in the HIGH nibble); absmax fp32 per block of
+// bs elements (the caller undoes double quantization first: a few thousand values).
+void effnb_lut4_dequant(const uint8_t* qw, const float* absmax, int64_t n, int64_t bs, const float* table,
+                        float* out, int nthreads) {
+    const int64_t nblocks = (n + bs - 1) / bs;
+    const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
+        const float am = absmax[b];
+        const __m256 av = _mm256_set1_ps(am);
+        int64_t k = k0;
+        if (k0 % 2 == 0) {
+            for (; k + 32 <= k1; k += 32) {
+                __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qw + k / 2));
+                __m128i lo = _mm_and_si128(by, _mm_set1_epi8(0x0F));
+                __m128i hi = _mm_and_si128(_mm_srli_epi16(by, 4), _mm_set1_epi8(0x0F));
+                __m128i q0 = _mm_unpacklo_epi8(hi, lo), q1 = _mm_unpackhi_epi8(hi, lo);
+                __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
+                for (int j = 0; j < 4; ++j) {
+                    __m256 v = lut16(_mm256_cvtepu8_epi32(parts[j]), tlo, thi);
+                    _mm256_storeu_ps(out + k + 8 * j, _mm256_mul_ps(v, av));
+                }
+            }
+        }
+        for (; k < k1; ++k) {
+            const uint8_t byte = qw[k / 2];
+            out[k] = table[(k % 2) ? (byte & 0x0F) : (byte >> 4)] * am;
         }
     }
 }

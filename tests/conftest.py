@@ -37,6 +37,21 @@ def minilm():
     return effnb.load_model("minilm-l6")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Two threads cost ~10x the CPU time per training step on tiny models here (thread hand-offs dwarf
+    64-wide matmuls, worse on a loaded machine). The previous setting is restored for the other files.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def ip():
     """A real IPython shell with effnb's extension loaded."""

@@ -14,14 +14,7 @@ def _verdict(capsys, key, answer, **ctx):
     return ok, capsys.readouterr().out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread. Two threads cost ~10x the CPU time per step here (thread hand-offs
-    dwarf 64-wide matmuls, worse on a loaded machine); restored afterwards for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

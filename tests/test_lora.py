@@ -15,14 +15,7 @@ FAST = {"steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 0, "eval_token
         "live": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread. Two threads cost ~10x the CPU time per step here (thread hand-offs
-    dwarf 64-wide matmuls, worse on a loaded machine); restored afterwards for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

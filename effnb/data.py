@@ -94,6 +94,20 @@ def doc_pairs() -> tuple[tuple[str, str], ...]:
     Names are de-duplicated, and pairs whose first line is too short or shared by another
     function are dropped, so every query has exactly one right answer.
     """
+    def first_line(doc: str) -> str | None:
+        first = doc.strip().splitlines()[0].strip()
+        return first if len(first) >= 25 else None  # shorter lines are too short to tell functions apart
+
+    return function_summaries(first_line)
+
+
+def function_summaries(summarise) -> tuple[tuple[str, str], ...]:
+    """(qualified name, ``summarise(docstring)``) for the public functions of ``RETRIEVAL_MODULES``.
+
+    Modules in their fixed order, names sorted within each; functions without a docstring or whose
+    summary is ``None`` are skipped, and a summary shared by two functions is dropped, so each name has
+    exactly one right answer. Used by ``doc_pairs`` and by the fine-tuning task (``effnb.lora.task``).
+    """
     pairs: dict[str, str] = {}
     for module_name in RETRIEVAL_MODULES:
         module = importlib.import_module(module_name)
@@ -103,15 +117,12 @@ def doc_pairs() -> tuple[tuple[str, str], ...]:
             if not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
                 continue
             doc = inspect.getdoc(obj)
-            if not doc:
-                continue
-            first = doc.strip().splitlines()[0].strip()
-            if len(first) < 25:  # too short to tell functions apart
-                continue
-            pairs.setdefault(f"{module_name}.{name}", first)
+            summary = summarise(doc) if doc else None
+            if summary:
+                pairs.setdefault(f"{module_name}.{name}", summary)
     counts: dict[str, int] = {}
-    for first in pairs.values():
-        counts[first] = counts.get(first, 0) + 1
+    for summary in pairs.values():
+        counts[summary] = counts.get(summary, 0) + 1
     return tuple((k, v) for k, v in pairs.items() if counts[v] == 1)
 
 

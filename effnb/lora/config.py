@@ -18,13 +18,14 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 
+from ..options import did_you_mean, reject_unknown
+
 PRESETS = ("attn", "attn-all", "mlp", "all")
 TASKS = ("python-api",)
 
 
 def _did_you_mean(value, allowed) -> str:
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(value, allowed, cutoff=0.5)
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:
@@ -41,11 +42,7 @@ def _positive_float(name: str, value, allow_zero: bool = False) -> None:
 
 
 def _from_kwargs(cls, what: str, kwargs: dict):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise TypeError(f"unknown {what} option {unknown[0]!r}{_did_you_mean(unknown[0], sorted(known))} "
-                        f"(known: {', '.join(sorted(known))})")
+    reject_unknown(cls, what, kwargs, cutoff=0.5)
     return cls(**kwargs)
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import inspect
 import re
 from dataclasses import dataclass
 
@@ -57,22 +55,7 @@ def qa_pairs() -> tuple[tuple[str, str], ...]:
     """(qualified function name, first docstring sentence), sorted, answers unique."""
     from .. import data
 
-    pairs: dict[str, str] = {}
-    for module_name in data.RETRIEVAL_MODULES:
-        module = importlib.import_module(module_name)
-        names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
-        for name in sorted(set(names)):
-            obj = getattr(module, name, None)
-            if not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            sentence = _first_sentence(doc) if doc else None
-            if sentence:
-                pairs.setdefault(f"{module_name}.{name}", sentence)
-    counts: dict[str, int] = {}
-    for s in pairs.values():
-        counts[s] = counts.get(s, 0) + 1
-    return tuple(sorted((k, v) for k, v in pairs.items() if counts[v] == 1))
+    return tuple(sorted(data.function_summaries(_first_sentence)))
 
 
 def is_held_out(name: str) -> bool:

@@ -40,14 +40,9 @@ class AuditConfig:
     @classmethod
     def from_kwargs(cls, **kwargs) -> AuditConfig:
         """Build from keyword arguments, rejecting unknown ones with the list of known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            import difflib
+        from ..options import reject_unknown
 
-            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"unknown audit option {unknown[0]!r}{hint} (known: {', '.join(sorted(known))})")
+        reject_unknown(cls, "audit", kwargs)
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

@@ -11,22 +11,15 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import fields
 
+from ..options import reject_unknown
 from .config import MoEConfig, MoEStatsConfig
 
 log = logging.getLogger(__name__)
 
 
 def _config(experts, top_k, method, options) -> MoEConfig:
-    known = {f.name for f in fields(MoEConfig)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TypeError(f"unknown moe option {unknown[0]!r}{hint} (known: {', '.join(sorted(known))})")
+    reject_unknown(MoEConfig, "moe", options)
     for name, v in (("experts", experts), ("top_k", top_k)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{name} must be an integer, got {v!r}")

@@ -20,8 +20,9 @@ Methods and what they cost (4 bits, group 64, measured in docs/benchmarks.md):
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
+
+from ..options import did_you_mean
 
 METHODS = ("int8", "int4", "nf4", "fp4", "hqq", "gptq", "fp8", "llm.int8")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "bitsandbytes")
@@ -33,8 +34,7 @@ BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def _did_you_mean(value: str, allowed) -> str:
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(value, allowed, cutoff=0.5)
 
 
 @dataclass

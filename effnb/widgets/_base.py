@@ -97,8 +97,14 @@ class EffnbWidget:
     def static_html(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def static_figure(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def static_figure(self):
+        """The plotly figure: ``_empty_figure()`` (layout and empty traces) filled by ``_fill(fig)``.
+
+        The live view redraws the same figure through ``_fill``; widgets without those two hooks override this.
+        """
+        fig = self._empty_figure()
+        self._fill(fig)
+        return fig
 
     def _build(self):  # pragma: no cover - abstract
         """The live ipywidgets view (a Box)."""

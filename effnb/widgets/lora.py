@@ -163,10 +163,10 @@ class LoraExplorer(EffnbWidget):
         return {key: (names, [b[key] / 1e6 for b in budgets])
                 for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes")}
 
-    def _empty_figure(self, cls):
+    def _empty_figure(self):
         import plotly.graph_objects as go
 
-        fig = cls()
+        fig = go.Figure()
         for label in ("weights", "gradients", "optimizer state (AdamW)"):
             fig.add_trace(go.Bar(name=label))
         fig.update_layout(barmode="stack", yaxis_title="MB", height=320, title={"font": {"size": 13}},
@@ -180,13 +180,6 @@ class LoraExplorer(EffnbWidget):
                 trace.x, trace.y = bars[key]
             fig.layout.title.text = (f"training memory, rank {self.rank}, targets {self.targets}"
                                      f"{' + DoRA' if self.dora else ''} (computed, no activations)")
-
-    def static_figure(self):
-        import plotly.graph_objects as go
-
-        fig = self._empty_figure(go.Figure)
-        self._fill(fig)
-        return fig
 
     def _build(self):
         import ipywidgets as W

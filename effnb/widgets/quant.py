@@ -297,7 +297,7 @@ class QuantExplorer(EffnbWidget):
                      + (f"SNR {s['snr_db']:.1f} dB" if s.get("snr_db") is not None else s.get("error", "")))
             fig.layout.title.text = title
 
-    def _empty_figure(self, cls):
+    def _empty_figure(self):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
@@ -310,13 +310,6 @@ class QuantExplorer(EffnbWidget):
         fig.add_trace(go.Bar(name="error", marker={"color": "#72b7b2"}, showlegend=False), row=1, col=2)
         fig.update_layout(height=340, margin={"t": 60, "b": 40, "l": 50, "r": 10}, bargap=0,
                           legend={"orientation": "h", "y": -0.15}, title={"font": {"size": 13}})
-        return cls(fig) if cls is not go.Figure else fig
-
-    def static_figure(self):
-        import plotly.graph_objects as go
-
-        fig = self._empty_figure(go.Figure)
-        self._fill(fig)
         return fig
 
     def _build(self):

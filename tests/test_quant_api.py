@@ -107,6 +107,22 @@ def test_inplace_is_the_only_way_to_change_the_input():
     assert res.model is m and type(m.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
 
 
+def test_share_unquantized_reuses_tensors_and_keeps_the_input(tiny):
+    before = effnb.state_hash(tiny)
+    emb = tiny.get_input_embeddings().weight
+    copied = effnb.quantize(tiny, method="nf4", measure=False).model
+    shared = effnb.quantize(tiny, method="nf4", measure=False, share_unquantized=True).model
+    assert copied.get_input_embeddings().weight.data_ptr() != emb.data_ptr()
+    assert shared.get_input_embeddings().weight is emb
+    assert shared.model.norm.weight is tiny.model.norm.weight
+    # the modules are new objects: the input model keeps its Linear layers and its weights
+    assert type(tiny.model.layers[0].mlp.up_proj).__name__ == "Linear"
+    assert effnb.state_hash(tiny) == before
+    assert torch.equal(_logits(shared, IDS), _logits(copied, IDS))
+    with pytest.raises(ValueError, match="share_unquantized applies to a new model"):
+        effnb.quantize(tiny, method="nf4", measure=False, share_unquantized=True, inplace=True)
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     ({"method": "nf5"}, "did you mean 'nf4'"),
     ({"method": "int4", "bits": 3}, "supported: 4"),

@@ -44,6 +44,42 @@ def test_cpu_kernel_matches_reference(fmt, kw, rows):
     assert layer.backend_calls["cpu-fast"] == 1
 
 
+def _forked_child_result(layer, x, ref, conn):
+    torch.set_num_threads(2)
+    conn.send(bool(torch.equal(layer(x), ref)))
+
+
+def test_decode_thread_pool_is_exact_with_any_threads_callers_or_fork():
+    """The decode kernels' thread pool: each output row is computed by one thread in a fixed order,
+    so any thread count gives bit-identical results; concurrent callers and forked children work."""
+    import multiprocessing as mp
+    from concurrent.futures import ThreadPoolExecutor
+
+    if cpu_ext.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
+    layer, _ = _layer("int4", n=1000, k=256)  # 63 chunks of 16 rows
+    layer.backend = "cpu"
+    x = torch.randn(2, 256)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = layer(x)
+        for threads in (2, 3, 2, 1, 4):
+            torch.set_num_threads(threads)
+            assert all(torch.equal(layer(x), ref) for _ in range(30)), f"{threads} threads"
+        torch.set_num_threads(2)
+        with ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda _: layer(x), range(64)))
+        assert all(torch.equal(o, ref) for o in outs)
+        parent, child = mp.get_context("fork").Pipe()
+        proc = mp.get_context("fork").Process(target=_forked_child_result, args=(layer, x, ref, child))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0 and parent.poll(1) and parent.recv() is True
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_auto_backend_names_the_path_that_ran():
     layer, _ = _layer("int4")
     layer(torch.randn(1, layer.in_features))  # decode-sized

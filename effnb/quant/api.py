@@ -47,7 +47,7 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     finally:
         _FACTOR_CACHE.clear()
         hessians.clear()
-    qmodel = model if cfg.inplace else _copy_without(model, targets)
+    qmodel = model if cfg.inplace else _copy_without(model, targets, share=cfg.share_unquantized)
     _swap(qmodel, new_layers)
     layer_stats += finish_moe(qmodel)
     quant_s = time.perf_counter() - t0
@@ -308,8 +308,11 @@ def _calibrate(model, targets: dict, cfg: QuantConfig) -> dict:
 # ------------------------------------------------------------------------------------- swapping
 
 
-def _copy_without(model, targets: dict):
-    """Deep copy of ``model`` that does not copy the weights about to be replaced (nor the tokenizer)."""
+def _copy_without(model, targets: dict, share: bool = False):
+    """Deep copy of ``model`` that does not copy the weights about to be replaced (nor the tokenizer).
+
+    ``share``: every other parameter and buffer is reused, not copied (the modules are still new
+    objects, so swapping layers in the copy leaves ``model``'s structure alone)."""
     import torch
 
     from ..models import _TOKENIZER_ATTR, _find_attr
@@ -323,6 +326,9 @@ def _copy_without(model, targets: dict):
     for m in targets.values():
         if id(m.weight) not in tied:
             memo[id(m.weight)] = placeholder
+    if share:
+        for t in (*model.parameters(), *model.buffers()):
+            memo.setdefault(id(t), t)
     return copy.deepcopy(model, memo)
 
 

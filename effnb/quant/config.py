@@ -70,6 +70,11 @@ class QuantConfig:
     llm_int8_threshold: float = field(default=6.0, metadata={"help": "llm.int8: outlier threshold"})
     inplace: bool = field(default=False, metadata={
         "help": "replace the layers of the given model instead of returning a new one", "cli": False})
+    share_unquantized: bool = field(default=False, metadata={
+        "help": "the new model reuses the input model's tensors that are not quantized (embeddings, norms, "
+                "a kept lm_head) instead of copying them: saves their memory when several variants are "
+                "kept (SmolLM2: 113 MB each); an in-place change to one of those tensors then shows in "
+                "both models"})
     measure: bool = field(default=True, metadata={
         "help": "measure speed and quality before and after (off: sizes and per-layer SNR only)"})
 
@@ -95,6 +100,8 @@ class QuantConfig:
                 raise ValueError(f"method {self.method!r} does not support group_size={self.group_size!r} "
                                  f"(supported: {', '.join(map(str, allowed))}"
                                  f"{'; 0 = per output channel' if per_channel else ''})")
+        if self.share_unquantized and self.inplace:
+            raise ValueError("share_unquantized applies to a new model; with inplace=True there is nothing to share")
         if self.double_quant and self.method not in ("nf4", "fp4"):
             raise ValueError(f"double_quant applies to nf4 and fp4 only, not method {self.method!r}")
         if self.hqq_grid not in ("nf4", "int4"):

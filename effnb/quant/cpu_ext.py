@@ -25,8 +25,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "qlinear.cpp"
-_FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-_ABI = 5
+_FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-shared", "-fPIC"]
+_ABI = 6
 
 _lib: ctypes.CDLL | None = None
 _status: dict = {"loaded": False, "reason": "not built yet", "path": None}
@@ -46,6 +46,7 @@ _SIGNATURES = {
     "effnb_int4_dequant": [_p, _p, _p, _i64, _i64, _i64, _p, ctypes.c_int],
     "effnb_int8_dequant": [_p, _p, _i64, _i64, _i64, _p, ctypes.c_int],
     "effnb_lut4_dequant": [_p, _p, _i64, _i64, _p, _p, ctypes.c_int],
+    "effnb_set_decode_threading": [ctypes.c_int],
     "effnb_nf4_search": [_p, _i64, _i64, _p, _p, _p, ctypes.c_float, ctypes.c_float, ctypes.c_int, _p, _p, _p,
                          ctypes.c_int],
 }
@@ -141,6 +142,16 @@ def _warn_once() -> None:
 def status() -> dict:
     """Whether the kernels are loaded, from where, or why not (for the report's environment)."""
     return dict(_status)
+
+
+def set_decode_threading(mode: str) -> None:
+    """How the decode kernels use threads: "pool" (effnb's own, the default) or "openmp" (kept so
+    benchmarks/cpu_decode.py can compare the two in one run; see csrc/qlinear.cpp for why)."""
+    if mode not in ("pool", "openmp"):
+        raise ValueError(f"unknown decode threading {mode!r} (choices: pool, openmp)")
+    lib = library(quiet=True)
+    if lib is not None:
+        lib.effnb_set_decode_threading(0 if mode == "pool" else 1)
 
 
 def num_threads() -> int:

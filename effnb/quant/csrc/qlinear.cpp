@@ -1,8 +1,9 @@
 // effnb CPU kernels for weight-only quantized Linear layers: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
 //
 // Plain C ABI (no torch headers: builds in about a second with g++), called through ctypes from
-// effnb/quant/cpu_ext.py. Threads come from OpenMP; torch's own libgomp is already loaded in the
-// process, so both share one thread pool instead of two pools spinning against each other.
+// effnb/quant/cpu_ext.py. The decode kernels split their rows over effnb's own small thread pool
+// (see `pool` below for why not OpenMP); the quantization routines use OpenMP, whose runtime is
+// torch's own libgomp, already loaded in the process, so there is one OpenMP pool, not two.
 //
 // The weights are read in exactly the formats effnb stores (see effnb/quant/formats.py):
 //   int4 : qweight u8 [N, K/2], column 2j in the LOW nibble, 2j+1 in the HIGH nibble;
@@ -24,9 +25,145 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sched.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+// ------------------------------------------------------------------------------ thread pool
+// The decode kernels are matrix-vector products of ~50-150 us. An OpenMP parallel region ends at
+// a barrier that waits for every thread of its team, so on a shared machine (a 2-core Binder
+// session, a laptop also running a browser) one worker that the OS has not scheduled stalls the
+// call for a scheduler time slice: measured 8 ms per call instead of 0.13 ms on this project's
+// 2-core machine while another process kept both cores busy. Here the caller and the workers claim
+// chunks from one atomic counter, and the call returns as soon as every chunk is done: a worker
+// that never woke up costs nothing, since the caller has done its share. Workers spin briefly
+// after a call (the next layer's call usually follows within microseconds), then sleep.
+namespace pool {
+
+using Fn = void (*)(void*, int64_t);
+constexpr uint64_t kIdx = (1ull << 20) - 1;  // word = epoch (24 bits) | chunks (20) | next chunk (20)
+constexpr int kMaxWorkers = 63;
+constexpr int kSpin = 4000;  // pause instructions (~20-50 us) before a worker sleeps
+
+struct State {
+    std::atomic<uint64_t> word{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int> sleepers{0};
+    std::atomic<int> active{1};  // threads (caller included) the current call may use
+    Fn fn = nullptr;
+    void* ctx = nullptr;
+    std::mutex run_mu;  // one call at a time; a concurrent caller runs its call alone
+    std::mutex mu;
+    std::condition_variable cv;
+    int workers = 0;
+    pid_t pid = 0;
+};
+
+// Never freed: detached workers may still be waiting on it while the process exits.
+std::atomic<State*> g_state{nullptr};
+std::atomic<int> g_mode{0};  // 0: this pool, 1: OpenMP (kept for comparison: cpu_ext.set_decode_threading)
+
+inline uint32_t epoch_of(uint64_t w) { return (uint32_t)(w >> 40); }
+
+// Claim and run chunks of the job in `w`'s epoch until none is left; returns the last word read.
+inline uint64_t drain(State* s, uint64_t w) {
+    const uint32_t e = epoch_of(w);
+    for (;;) {
+        const uint64_t n = (w >> 20) & kIdx, i = w & kIdx;
+        if (epoch_of(w) != e || i >= n) return w;
+        if (s->word.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+            s->fn(s->ctx, (int64_t)i);  // fn/ctx were written before the epoch was published
+            s->done.fetch_add(1, std::memory_order_release);
+            w = s->word.load(std::memory_order_acquire);
+        }
+    }
+}
+
+void worker_main(State* s, int index) {
+    uint32_t seen = epoch_of(s->word.load(std::memory_order_acquire));
+    for (;;) {
+        uint64_t w = s->word.load(std::memory_order_acquire);
+        if (epoch_of(w) != seen) {
+            seen = epoch_of(w);
+            if (index < s->active.load(std::memory_order_acquire)) drain(s, w);
+            continue;
+        }
+        bool changed = false;
+        for (int k = 0; k < kSpin && !changed; ++k) {
+            _mm_pause();
+            changed = epoch_of(s->word.load(std::memory_order_relaxed)) != seen;
+        }
+        if (changed) continue;
+        std::unique_lock<std::mutex> lk(s->mu);
+        s->sleepers.fetch_add(1, std::memory_order_seq_cst);
+        s->cv.wait(lk, [&] { return epoch_of(s->word.load(std::memory_order_seq_cst)) != seen; });
+        s->sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    }
+}
+
+template <typename G>
+void call_chunk(void* ctx, int64_t i) { (*static_cast<G*>(ctx))(i); }
+
+State* state() {
+    State* s = g_state.load(std::memory_order_acquire);
+    const pid_t pid = getpid();
+    if (s == nullptr || s->pid != pid) {  // first use, or a forked child: the parent's workers are not here
+        State* fresh = new State();
+        fresh->pid = pid;
+        if (g_state.compare_exchange_strong(s, fresh)) return fresh;
+        delete fresh;
+        return g_state.load(std::memory_order_acquire);
+    }
+    return s;
+}
+
+// run(i) for i in [0, n), on up to `nthreads` threads (the caller included).
+template <typename G>
+void parallel(int64_t n, int nthreads, G& run) {
+    if (nthreads > kMaxWorkers + 1) nthreads = kMaxWorkers + 1;
+    if (nthreads <= 1 || n <= 1 || n > (int64_t)kIdx) {
+        for (int64_t i = 0; i < n; ++i) run(i);
+        return;
+    }
+    State* s = state();
+    std::unique_lock<std::mutex> busy(s->run_mu, std::try_to_lock);
+    if (!busy.owns_lock()) {  // another thread's call is running: do this one alone
+        for (int64_t i = 0; i < n; ++i) run(i);
+        return;
+    }
+    while (s->workers < nthreads - 1) {
+        std::thread(worker_main, s, s->workers + 1).detach();
+        ++s->workers;
+    }
+    s->fn = &call_chunk<G>;
+    s->ctx = &run;
+    s->done.store(0, std::memory_order_relaxed);
+    s->active.store(nthreads, std::memory_order_relaxed);
+    uint32_t e = (epoch_of(s->word.load(std::memory_order_relaxed)) + 1) & 0xFFFFFF;
+    if (e == 0) e = 1;
+    const uint64_t w = ((uint64_t)e << 40) | ((uint64_t)n << 20);
+    s->word.store(w, std::memory_order_seq_cst);
+    if (s->sleepers.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> lk(s->mu);
+        s->cv.notify_all();
+    }
+    drain(s, w);
+    // every chunk is claimed; wait only for chunks a worker claimed and is still running
+    for (int k = 0; s->done.load(std::memory_order_acquire) < n; ++k) {
+        if (k < 2000) _mm_pause();
+        else sched_yield();  // a claimed chunk's worker was descheduled: let it run
+    }
+}
+
+}  // namespace pool
 
 namespace {
 
@@ -199,19 +336,24 @@ void int8_rows(const float* x, int64_t M, int64_t K, int64_t N, int64_t n0, int6
     }
 }
 
-// Split the N output rows over the threads; within a thread, x rows go MB at a time.
+// Split the N output rows over the threads in chunks of 16; within a chunk, x rows go MB at a time.
 template <typename F>
 void over_rows(int64_t M, int64_t N, int nthreads, F body) {
     const int64_t chunk = 16;
     const int64_t nchunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t ci = 0; ci < nchunks; ++ci) {
+    auto run = [&](int64_t ci) {
         const int64_t n0 = ci * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int64_t mm = M - m0 < MB ? M - m0 : MB;
             body(m0, mm, n0, n1);
         }
+    };
+    if (pool::g_mode.load(std::memory_order_relaxed) == 0) {
+        pool::parallel(nchunks, nthreads, run);
+        return;
     }
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t ci = 0; ci < nchunks; ++ci) run(ci);
 }
 
 #define DISPATCH_MM(mm, FN, ...)             \
@@ -348,7 +490,10 @@ extern "C" void effnb_hqq(const float* W, int64_t ngroups, int64_t g, int levels
 
 extern "C" {
 
-int effnb_abi_version() { return 5; }
+int effnb_abi_version() { return 6; }
+
+// 0: the decode kernels use effnb's pool (default); 1: OpenMP (for comparisons).
+void effnb_set_decode_threading(int mode) { pool::g_mode.store(mode == 1 ? 1 : 0); }
 
 void effnb_int4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const uint16_t* scales,
                        const uint16_t* zeros, int64_t g, const float* bias, float* y, int nthreads) {

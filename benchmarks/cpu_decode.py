@@ -1,6 +1,7 @@
 """CPU decode speed of SmolLM2-135M: fp32 vs effnb's quantized layers vs bitsandbytes and torch int8.
 
     python benchmarks/cpu_decode.py [--tokens 64] [--rounds 5] [--threads 2] [--only ...] [--json out.json]
+    python benchmarks/cpu_decode.py --openmp     # also the same effnb models with the kernels' threads from OpenMP
 
 Greedy decode of --tokens new tokens after a short prompt; all variants are timed in interleaved
 rounds (round r times every variant once) so load from other processes hits them alike; the
@@ -27,7 +28,9 @@ EFFNB = {
     "effnb hqq g64 (nf4 grid)": {"method": "hqq", "group_size": 64},
     "effnb nf4 g64": {"method": "nf4", "group_size": 64},
     "effnb nf4 (reference path) g64": {"method": "nf4", "group_size": 64, "backend": "reference"},
+    "effnb int8 per-channel + lm_head": {"method": "int8", "group_size": 0, "quantize_lm_head": True},
 }
+OPENMP = ("effnb int8 per-channel", "effnb int4 g64 (rtn)")  # timed again with --openmp
 
 
 def main(argv=None) -> int:
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="")
     ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (acceptance: 2)")
+    ap.add_argument("--openmp", action="store_true", help="also time " + ", ".join(OPENMP) + " with the decode "
+                    "kernels' threads from OpenMP instead of effnb's pool (same models, same run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
@@ -53,18 +58,27 @@ def main(argv=None) -> int:
     variants = {"fp32": model}
     for label, opts in EFFNB.items():
         if not only or any(o in label for o in only):
-            variants[label] = effnb.quantize(model, **opts, measure=False).model
+            variants[label] = effnb.quantize(model, **opts, measure=False, share_unquantized=True).model
+    threading = {k: "pool" for k in variants}
+    if args.openmp:
+        for label in OPENMP:
+            if label in variants:
+                variants[label + " [OpenMP threads]"] = variants[label]
+                threading[label + " [OpenMP threads]"] = "openmp"
     if not only or any("bnb" in o for o in only):
         variants["bnb nf4 b64"] = bnb_model(model, "nf4", 64)
     if not only or any("torch" in o for o in only):
         variants["torch dynamic int8"] = torch_dynamic_int8(model)
 
-    def gen(m):
+    from effnb.quant import cpu_ext
+
+    def gen(m, label=None):
+        cpu_ext.set_decode_threading(threading.get(label, "pool"))
         with torch.inference_mode():
             return m.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
 
-    for m in variants.values():
-        gen(m)  # warm-up (also builds effnb's CPU kernels on first use)
+    for label, m in variants.items():
+        gen(m, label)  # warm-up (also builds effnb's CPU kernels on first use)
         for q in m.modules():
             if hasattr(q, "reset_backend_calls"):
                 q.reset_backend_calls()
@@ -72,7 +86,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for k, m in variants.items():
             t = time.perf_counter()
-            gen(m)
+            gen(m, k)
             times[k].append(time.perf_counter() - t)
         print(f"round {r + 1}: " + ", ".join(f"{k} {args.tokens / v[-1]:.1f}" for k, v in times.items())
               + f" tok/s (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)

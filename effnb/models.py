@@ -98,6 +98,9 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
         model = model.to(_resolve_device(device))
     model.eval()
     object.__setattr__(model, _NAME_ATTR, name)
+    from .measure.memory import trim_heap
+
+    trim_heap()  # what loading and converting freed (GGUF dequantization: ~30 MB on SmolLM2)
     return model
 
 
@@ -136,11 +139,26 @@ def model_name(model) -> str:
     return _find_attr(model, _NAME_ATTR) or type(model).__name__
 
 
-def copy_model(model):
-    """Deep copy of ``model`` that shares (does not duplicate) its tokenizer."""
+def copy_model(model, *, share_parameters: bool = False, memo: dict | None = None):
+    """Deep copy of ``model`` that shares (does not duplicate) its tokenizer.
+
+    ``share_parameters``: the copy's parameters are new ``nn.Parameter`` objects on the same storage
+    as the original's (plain float parameters only; subclasses such as bitsandbytes' ``Params4bit``
+    are copied). Replacing a parameter or its ``.data`` in the copy (what PEFT's safe merge does)
+    leaves the original alone; an in-place change of the values shows in both. Ties between
+    parameters are kept. ``memo``: entries to add to ``copy.deepcopy``'s memo.
+    """
+    import torch
+
     check_model(model)
+    memo = dict(memo or {})
     tok = _find_attr(model, _TOKENIZER_ATTR)
-    memo = {id(tok): tok} if tok is not None else {}
+    if tok is not None:
+        memo[id(tok)] = tok
+    if share_parameters:
+        for p in model.parameters():  # each tied parameter once
+            if id(p) not in memo and type(p) is torch.nn.Parameter:
+                memo[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     return copy.deepcopy(model, memo)
 
 

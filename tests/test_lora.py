@@ -265,6 +265,26 @@ def test_merge_float_base_matches_adapted_logits(trained):
     assert hasattr(trained.model, "peft_config")  # the input keeps its adapters
 
 
+def test_share_base_saves_the_copy_and_train_merge_leave_the_input_alone(llama):
+    before = effnb.state_hash(llama)
+    grads = {n: p.requires_grad for n, p in llama.named_parameters()}
+    res = effnb.lora(llama, rank=4, targets="attn", share_base=True)
+    q_orig = llama.model.layers[0].self_attn.q_proj.weight
+    q_copy = res.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q_copy.data_ptr() == q_orig.data_ptr() and q_copy is not q_orig
+    assert res.model.get_base_model().model.embed_tokens.weight.data_ptr() == llama.model.embed_tokens.weight.data_ptr()
+    tuned = effnb.finetune(res.model, **{**FAST, "steps": 3, "lr": 5e-3}, inplace=True)
+    ids = _ids(llama, 24)
+    want = _logits(tuned.model, ids)
+    merged = effnb.merge(tuned.model, inplace=True).model
+    assert (_logits(merged, ids) - want).abs().max().item() < 1e-4
+    assert merged.model.layers[0].self_attn.q_proj.weight.data_ptr() != q_orig.data_ptr()  # merged into new memory
+    assert effnb.state_hash(llama) == before
+    assert {n: p.requires_grad for n, p in llama.named_parameters()} == grads
+    with pytest.raises(ValueError, match="share_base applies to the adapted copy"):
+        effnb.lora(llama, rank=4, share_base=True, inplace=True)
+
+
 def test_merge_without_adapters_is_a_clear_error(llama):
     with pytest.raises(ValueError, match="no LoRA adapters to merge"):
         effnb.merge(llama)

@@ -113,8 +113,11 @@ def test_share_unquantized_reuses_tensors_and_keeps_the_input(tiny):
     copied = effnb.quantize(tiny, method="nf4", measure=False).model
     shared = effnb.quantize(tiny, method="nf4", measure=False, share_unquantized=True).model
     assert copied.get_input_embeddings().weight.data_ptr() != emb.data_ptr()
-    assert shared.get_input_embeddings().weight is emb
-    assert shared.model.norm.weight is tiny.model.norm.weight
+    shared_emb = shared.get_input_embeddings().weight
+    assert shared_emb.data_ptr() == emb.data_ptr() and shared_emb is not emb  # same storage, own Parameter
+    assert shared.model.norm.weight.data_ptr() == tiny.model.norm.weight.data_ptr()
+    if tiny.config.tie_word_embeddings:
+        assert shared.lm_head.weight is shared_emb  # ties survive
     # the modules are new objects: the input model keeps its Linear layers and its weights
     assert type(tiny.model.layers[0].mlp.up_proj).__name__ == "Linear"
     assert effnb.state_hash(tiny) == before

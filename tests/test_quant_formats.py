@@ -80,6 +80,30 @@ def test_decode_thread_pool_is_exact_with_any_threads_callers_or_fork():
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("fmt,g,symmetric", [("int4", 64, False), ("int4", 32, True), ("int8", 64, False),
+                                             ("int8", 192, False)])
+def test_compiled_rtn_equals_reference(fmt, g, symmetric):
+    from effnb.quant import methods
+
+    if cpu_ext.library() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
+    torch.manual_seed(0)
+    w = torch.randn(40, 192) * 0.05
+    w[0, :64] = 0.0  # an all-zero group
+    w[1, :64] = 0.3  # a constant group
+    w[2] *= 1e-6     # tiny values
+    fast = methods._rtn_compiled(w, fmt, g, symmetric)
+    ref = F.quantize_int4(w, g, symmetric) if fmt == "int4" else F.quantize_int8(w, g)
+    for name, t in ref.items():
+        if t is None:
+            assert fast[name] is None
+        else:
+            assert fast[name].dtype == t.dtype and torch.equal(fast[name], t), name
+    deq = F.dequantize_int4(ref["qweight"], ref["scales"], ref.get("zeros"), g) if fmt == "int4" else \
+        F.dequantize_int8(ref["qweight"], ref["scales"], g)
+    assert fast["_sq_err"] == pytest.approx((w.double() - deq.double()).pow(2).sum().item(), rel=1e-6)
+
+
 def test_auto_backend_names_the_path_that_ran():
     layer, _ = _layer("int4")
     layer(torch.randn(1, layer.in_features))  # decode-sized

@@ -76,7 +76,7 @@ def lora(model, rank: int = 8, alpha: float = 16, targets="attn", *, name: str |
         from .qlora import register
 
         register(peft_cfg)
-    work = model if cfg.inplace else copy_model(model)
+    work = model if cfg.inplace else copy_model(model, share_parameters=cfg.share_base)
     _mark_bnb(work.get_base_model() if _is_peft(work) else work)
     torch.manual_seed(cfg.seed)
     if _is_peft(work):
@@ -205,6 +205,9 @@ def finetune(model, data="python-api", steps: int = 60, *, name: str | None = No
                    before_loss=before_loss, eval_tokens=cfg.eval_tokens)
     if cfg.gradient_checkpointing and hasattr(work, "gradient_checkpointing_disable"):
         work.gradient_checkpointing_disable()
+    from ..measure.memory import trim_heap
+
+    trim_heap()  # activations and gradients freed by the loop
     hist = run["history"]
     done = len(hist["step"])
     after_loss = TR.held_out_loss(work, task, cfg.seq_len, pad_id, max_tokens=cfg.eval_tokens)

@@ -11,7 +11,7 @@ from collections import Counter
 from .. import data as _data
 from .config import AuditConfig
 from .energy import EnergyMeter
-from .memory import PeakMemory, count_parameters, weight_bytes
+from .memory import PeakMemory, count_parameters, trim_heap, weight_bytes
 from .quality import _device_of, embedding_agreement, perplexity, retrieval_recall, token_ids
 
 
@@ -168,6 +168,7 @@ def _measure(model, name: str, cfg: AuditConfig):
             row["flops_per_token"] = flops_per_token(model, ids)
     finally:
         model.train(was_training)
+        trim_heap()  # the measurements' activations: variants measured one after another stay lean
     return row, embeddings
 
 

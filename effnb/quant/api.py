@@ -10,7 +10,6 @@ from read-only views of the input's weights, and only then put into a copy (or, 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 import re
@@ -37,23 +36,31 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     from ..moe.quant import prepare_moe  # effnb MoE blocks: experts quantized one by one, routers kept
 
     targets, finish_moe = prepare_moe(model, targets, cfg)
+    from ..measure.memory import trim_heap
+
     hessians = _calibrate(model, targets, cfg) if cfg.method == "gptq" else {}
+    trim_heap()  # the calibration's activations
     new_layers, layer_stats = {}, []
     try:
-        for lname, module in targets.items():
-            new, stats = _quantize_layer(lname, module, cfg, hessians.get(lname))
+        for i, (lname, module) in enumerate(targets.items(), start=1):
+            new, stats = _quantize_layer(lname, module, cfg, hessians.pop(lname, None))
             new_layers[lname] = new
             layer_stats.append(stats)
+            if i % 32 == 0:
+                trim_heap()  # each layer frees a few layer-sized temporaries: keep the resident set near what is live
     finally:
         _FACTOR_CACHE.clear()
         hessians.clear()
+        trim_heap()
     qmodel = model if cfg.inplace else _copy_without(model, targets, share=cfg.share_unquantized)
     _swap(qmodel, new_layers)
     layer_stats += finish_moe(qmodel)
     quant_s = time.perf_counter() - t0
     from .report import build_result
 
-    return build_result(model, qmodel, cfg, layer_stats, quant_s, name=name)
+    result = build_result(model, qmodel, cfg, layer_stats, quant_s, name=name)
+    trim_heap()
+    return result
 
 
 # ------------------------------------------------------------------------------ layer selection
@@ -311,25 +318,18 @@ def _calibrate(model, targets: dict, cfg: QuantConfig) -> dict:
 def _copy_without(model, targets: dict, share: bool = False):
     """Deep copy of ``model`` that does not copy the weights about to be replaced (nor the tokenizer).
 
-    ``share``: every other parameter and buffer is reused, not copied (the modules are still new
-    objects, so swapping layers in the copy leaves ``model``'s structure alone)."""
+    ``share``: every other parameter shares the input's storage (``models.copy_model``)."""
     import torch
 
-    from ..models import _TOKENIZER_ATTR, _find_attr
+    from ..models import copy_model
 
     memo = {}
-    tok = _find_attr(model, _TOKENIZER_ATTR)
-    if tok is not None:
-        memo[id(tok)] = tok
     placeholder = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     tied = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if not _owned_by(n, targets)}
     for m in targets.values():
         if id(m.weight) not in tied:
             memo[id(m.weight)] = placeholder
-    if share:
-        for t in (*model.parameters(), *model.buffers()):
-            memo.setdefault(id(t), t)
-    return copy.deepcopy(model, memo)
+    return copy_model(model, share_parameters=share, memo=memo)
 
 
 def _owned_by(param_name: str, targets: dict) -> bool:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "qlinear.cpp"
 _FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-shared", "-fPIC"]
-_ABI = 6
+_ABI = 7
 
 _lib: ctypes.CDLL | None = None
 _status: dict = {"loaded": False, "reason": "not built yet", "path": None}
@@ -47,6 +47,7 @@ _SIGNATURES = {
     "effnb_int8_dequant": [_p, _p, _i64, _i64, _i64, _p, ctypes.c_int],
     "effnb_lut4_dequant": [_p, _p, _i64, _i64, _p, _p, ctypes.c_int],
     "effnb_set_decode_threading": [ctypes.c_int],
+    "effnb_quantize_rtn": [_p, _i64, _i64, _i64, ctypes.c_int, _p, _p, _p, _p, ctypes.c_int],
     "effnb_nf4_search": [_p, _i64, _i64, _p, _p, _p, ctypes.c_float, ctypes.c_float, ctypes.c_int, _p, _p, _p,
                          ctypes.c_int],
 }

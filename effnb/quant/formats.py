@@ -83,16 +83,19 @@ def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     return q.reshape(w.shape).to(torch.uint8)
 
 
+FP16_TINY = 2.0 ** -24  # smallest positive fp16: a scale below it would be stored as 0
+
+
 def int4_params_minmax(w: torch.Tensor, g: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest scales/zeros from each group's range, already rounded to fp16."""
     wg = _grouped(w.float(), g)
     if symmetric:  # codes 0..15 around z = 8: [-8, 7] * s covers [min, max]
         s = torch.maximum(wg.amin(-1).neg() / 8, wg.amax(-1) / 7)
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = torch.where(s > 0, s, torch.ones_like(s)).clamp_(min=FP16_TINY)
         return s.to(SCALE_DTYPE), None
     lo, hi = torch.aminmax(wg, dim=-1)
     s = (hi - lo) / 15
-    s = torch.where(s > 0, s, torch.ones_like(s)).to(SCALE_DTYPE)
+    s = torch.where(s > 0, s, torch.ones_like(s)).clamp_(min=FP16_TINY).to(SCALE_DTYPE)
     z = (-lo / s.float()).to(SCALE_DTYPE)  # float zero in code units: min maps to code 0 exactly
     return s, z
 

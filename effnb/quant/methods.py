@@ -19,6 +19,10 @@ from . import formats as F
 def rtn(w: torch.Tensor, fmt: str, group_size: int, *, symmetric: bool = False, double_quant: bool = False) -> dict:
     """Round-to-nearest tensors for ``fmt`` (group_size 0 = per output channel)."""
     g = group_size or w.shape[1]
+    if fmt in ("int4", "int8"):
+        fast = _rtn_compiled(w, fmt, g, symmetric)
+        if fast is not None:
+            return fast
     if fmt == "int4":
         return F.quantize_int4(w, g, symmetric)
     if fmt == "int8":
@@ -29,6 +33,31 @@ def rtn(w: torch.Tensor, fmt: str, group_size: int, *, symmetric: bool = False, 
     if double_quant:  # the stored absmax differs from the exact one: the error is measured after
         return {"qweight": packed, **F.double_quant(absmax)}
     return {"qweight": packed, "absmax": absmax, "_sq_err": sq_err}
+
+
+def _rtn_compiled(w: torch.Tensor, fmt: str, g: int, symmetric: bool) -> dict | None:
+    """``F.quantize_int4`` / ``F.quantize_int8`` in effnb's compiled CPU routine (same tensors, plus
+    the squared error for the SNR), or None where it does not apply (no library, not on CPU)."""
+    N, K = w.shape
+    if w.device.type != "cpu" or K % g or (fmt == "int4" and K % 2):
+        return None
+    from . import cpu_ext
+
+    lib = cpu_ext.library(quiet=True)
+    if lib is None:
+        return None
+    flat = w.detach().to(torch.float32).contiguous()
+    G = K // g
+    q = torch.empty(N, K // 2 if fmt == "int4" else K, dtype=torch.uint8 if fmt == "int4" else torch.int8)
+    scales = torch.empty(N, G, dtype=F.SCALE_DTYPE)
+    zeros = torch.empty(N, G, dtype=F.SCALE_DTYPE) if fmt == "int4" and not symmetric else None
+    err = F.ctypes_double()
+    mode = 2 if fmt == "int8" else (1 if symmetric else 0)
+    lib.effnb_quantize_rtn(flat.data_ptr(), N, K, g, mode, q.data_ptr(), scales.data_ptr(),
+                           zeros.data_ptr() if zeros is not None else None, F.ctypes_ref(err), cpu_ext.num_threads())
+    if fmt == "int8":
+        return {"qweight": q, "scales": scales, "_sq_err": float(err.value)}
+    return {"qweight": q, "scales": scales, "zeros": zeros, "_sq_err": float(err.value)}
 
 
 # ------------------------------------------------------------------------------------------- hqq
@@ -127,7 +156,7 @@ def hqq_reference(w: torch.Tensor, bits: int, g: int, *, iters: int = 20, refit_
 
 # ----------------------------------------------------------------------------- hqq, NF4 grid
 
-NF4_SEARCH_ALPHA, NF4_SEARCH_LOW, NF4_SEARCH_STEPS = 16.0, 0.9, 6
+NF4_SEARCH_ALPHA, NF4_SEARCH_LOW, NF4_SEARCH_STEPS = 64.0, 0.85, 11  # chosen on the calibration text: docs/quantization.md
 
 
 def _search_factors(low: float, steps: int) -> list[torch.Tensor]:

@@ -490,7 +490,7 @@ extern "C" void effnb_hqq(const float* W, int64_t ngroups, int64_t g, int levels
 
 extern "C" {
 
-int effnb_abi_version() { return 6; }
+int effnb_abi_version() { return 7; }
 
 // 0: the decode kernels use effnb's pool (default); 1: OpenMP (for comparisons).
 void effnb_set_decode_threading(int mode) { pool::g_mode.store(mode == 1 ? 1 : 0); }
@@ -531,6 +531,70 @@ void effnb_int8_linear(const float* x, int64_t M, int64_t K, int64_t N, const in
     over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
         DISPATCH_MM(mm, int8_rows, x + m0 * K, mm, K, N, n0, n1, qw, scales, g, bias, y + m0 * N);
     });
+}
+
+// ------------------------------------------------------------- int4 / int8 round to nearest
+// formats.quantize_int4 / quantize_int8 value for value (one OpenMP region per layer instead of a
+// dozen layer-sized PyTorch ops, each a parallel region that a busy shared CPU can stall), plus the
+// squared error of the stored weights for the layer's SNR. W [N, K] row-major, groups of g along K.
+//   mode 0: int4 asymmetric: s = fp16((max - min) / 15) (1 if 0, at least 2^-24), z = fp16(-min / s),
+//           q = clamp(round(w / s + z), 0, 15), packed two per byte (2j low nibble, 2j+1 high)
+//   mode 1: int4 symmetric: s = fp16(max(-min / 8, max / 7)) (1 if 0, at least 2^-24), q = clamp(round(w / s + 8), 0, 15)
+//   mode 2: int8: s = fp16(absmax / 127) (1 if it rounds to 0), q = clamp(round(w / s), -127, 127)
+constexpr float kFp16Tiny = 5.9604644775390625e-8f;  // 2^-24, the smallest positive fp16 (formats.FP16_TINY)
+
+void effnb_quantize_rtn(const float* w, int64_t N, int64_t K, int64_t g, int mode, uint8_t* q, uint16_t* scales,
+                        uint16_t* zeros, double* sq_err, int nthreads) {
+    const int64_t G = K / g;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+    for (int64_t n = 0; n < N; ++n) {
+        double err = 0.0;
+        for (int64_t gi = 0; gi < G; ++gi) {
+            const float* x = w + n * K + gi * g;
+            float lo = x[0], hi = x[0];
+            for (int64_t k = 1; k < g; ++k) { lo = x[k] < lo ? x[k] : lo; hi = x[k] > hi ? x[k] : hi; }
+            float s, z;
+            if (mode == 2) {
+                const float am = fabsf(lo) > fabsf(hi) ? fabsf(lo) : fabsf(hi);
+                s = h2f(_cvtss_sh(am / 127.f, _MM_FROUND_TO_NEAREST_INT));
+                if (!(s > 0.f)) s = 1.f;
+                z = 0.f;
+            } else if (mode == 1) {
+                const float a = -lo / 8.f, b = hi / 7.f;
+                float s32 = a > b ? a : b;
+                if (!(s32 > 0.f)) s32 = 1.f;
+                if (s32 < kFp16Tiny) s32 = kFp16Tiny;
+                s = h2f(_cvtss_sh(s32, _MM_FROUND_TO_NEAREST_INT));
+                z = 8.f;
+            } else {
+                float s32 = (hi - lo) / 15.f;
+                if (!(s32 > 0.f)) s32 = 1.f;
+                if (s32 < kFp16Tiny) s32 = kFp16Tiny;  // a smaller scale would be stored as 0
+                s = h2f(_cvtss_sh(s32, _MM_FROUND_TO_NEAREST_INT));
+                z = h2f(_cvtss_sh(-lo / s, _MM_FROUND_TO_NEAREST_INT));
+                zeros[n * G + gi] = _cvtss_sh(z, _MM_FROUND_TO_NEAREST_INT);
+            }
+            scales[n * G + gi] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+            const float qmin = mode == 2 ? -127.f : 0.f, qmax = mode == 2 ? 127.f : 15.f;
+            for (int64_t k = 0; k < g; ++k) {
+                float v = nearbyintf(x[k] / s + z);
+                v = v < qmin ? qmin : (v > qmax ? qmax : v);
+                const float d = x[k] - (v - z) * s;
+                err += (double)d * d;
+                const int64_t col = gi * g + k;
+                if (mode == 2) {
+                    reinterpret_cast<int8_t*>(q)[n * K + col] = (int8_t)v;
+                } else if (col % 2 == 0) {
+                    q[n * (K / 2) + col / 2] = (uint8_t)v;
+                } else {
+                    q[n * (K / 2) + col / 2] |= (uint8_t)((uint8_t)v << 4);
+                }
+            }
+        }
+        total += err;
+    }
+    *sq_err = total;
 }
 
 // ------------------------------------------------------------------ nf4 / fp4 quantization

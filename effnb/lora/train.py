@@ -26,10 +26,17 @@ def device_of(model) -> torch.device:
 
 
 @torch.no_grad()
-def held_out_loss(model, task: Task, seq_len: int, pad_id: int, batch_rows: int = 4,
+def held_out_loss(model, task: Task, seq_len: int, pad_id: int, batch_rows: int = 1,
                   max_tokens: int | None = None) -> float:
     """Mean cross-entropy (nats per answer token) over the held-out examples, packed as in training
-    (the first ``max_tokens`` of them when given, so every evaluation scores the same tokens)."""
+    (the first ``max_tokens`` of them when given, so every evaluation scores the same tokens).
+
+    One row at a time by default: a row's logits over SmolLM2's 49k-token vocabulary are 25 MB at
+    128 tokens, and the evaluation runs in the middle of training, on top of its memory.
+    """
+    from ..measure.memory import trim_heap
+
+    trim_heap()  # the training steps' freed activations, before this adds its own
     x, y = pack(task.held_out, seq_len, pad_id)
     if max_tokens is not None:
         rows = max(1, -(-max_tokens // seq_len))
@@ -41,9 +48,9 @@ def held_out_loss(model, task: Task, seq_len: int, pad_id: int, batch_rows: int 
     try:
         for i in range(0, x.shape[0], batch_rows):
             xb, yb = x[i:i + batch_rows].to(device), y[i:i + batch_rows].to(device)
-            logits = model(input_ids=xb).logits[:, :-1].float()
+            logits = model(input_ids=xb).logits.float()
             target = yb[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target,
                                                      ignore_index=-100, reduction="sum")
             total += loss.item()
             count += int((target != -100).sum())

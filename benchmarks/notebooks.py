@@ -6,9 +6,10 @@
 
 Each notebook runs in its own ``papermill`` process (a fresh kernel, in a temporary directory). A poller
 samples, every ``--poll`` seconds, the memory of the kernel's process tree (the kernel and anything it
-starts) and keeps the peak: the proportional set size (PSS, /proc/PID/smaps_rollup: a page shared by n
-processes counts 1/n in each, so the sum counts every page once, as the session's memory limit does),
-and, as an upper bound, the summed resident set (RSS; a forked child briefly doubles it). The check
+starts) and keeps the peak: the kernel's resident set (RSS) plus the private memory (USS,
+/proc/PID/smaps_rollup) of anything it starts, so a forked child's pages, shared with the kernel, count
+once, as the session's memory limit counts them; and, as an upper bound, the summed RSS of the tree (a
+forked child briefly doubles it). The check
 is against 2 GB = 2,000 MB (Binder's limit per session is 2 GiB = 2,147 MB, so this is the stricter).
 
 ``run_notebook`` is also what ``tests/test_notebooks.py`` uses: a notebook-wide time limit (the process
@@ -57,43 +58,61 @@ class RunResult:
     returncode: int | None
     message: str = ""
     parameters: dict = field(default_factory=dict)
-    peak_pss_bytes: int | None = None
+    peak_pss_bytes: int | None = None  # kernel RSS + private memory of its children (see _tree_mem)
 
     @property
     def peak_mb(self) -> float | None:
-        """The peak the 2 GB check uses: PSS where the kernel exposes it, else RSS."""
+        """The peak the 2 GB check uses: kernel RSS + children's private memory where readable, else summed RSS."""
         b = self.peak_pss_bytes if self.peak_pss_bytes is not None else self.peak_rss_bytes
         return None if b is None else b / 1e6
 
 
-def _pss_bytes(pid: int) -> int | None:
+def _private_bytes(pid: int) -> int | None:
+    """Memory only this process maps (USS: Private_Clean + Private_Dirty in /proc/PID/smaps_rollup)."""
+    total, seen = 0, 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+                    seen += 1
     except OSError:
         return None
-    return None
+    return total if seen == 2 else None
 
 
 def _tree_mem(proc) -> tuple[int, int | None]:
-    """(summed RSS, summed PSS or None) of proc's descendants: the kernel and what it starts."""
+    """(summed RSS of the kernel tree, memory with each page once or None).
+
+    The second figure is the RSS of the kernel (papermill's child) plus only the private memory (USS)
+    of anything the kernel starts: a forked child shares its parent's pages, which the kernel's RSS
+    already counts. Pages the kernel shares with processes outside its tree (another notebook's
+    torch libraries) stay counted in full, so running notebooks side by side cannot lower it.
+    """
     import psutil
 
-    rss, pss = 0, 0
+    rss, once = 0, 0
     try:
-        children = proc.children(recursive=True)
+        kernels = proc.children()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return 0, None
-    for child in children:
+    for kernel in kernels:
         try:
-            rss += child.memory_info().rss
+            k_rss = kernel.memory_info().rss
+            rss += k_rss
+            if once is not None:
+                once += k_rss
+            descendants = kernel.children(recursive=True)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        p = _pss_bytes(child.pid)
-        pss = None if pss is None or p is None else pss + p
-    return rss, pss
+        for child in descendants:
+            try:
+                rss += child.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            private = _private_bytes(child.pid)
+            once = None if once is None or private is None else once + private
+    return rss, once
 
 
 def _cell_label(cell: dict, index: int) -> str:
@@ -218,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {len(paths)} notebook(s), {'CI' if args.ci else 'default'} parameters; "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {_load_average()} (1/5/15 min); "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"{'notebook':28} {'ok':3} {'wall s':>8} {'peak PSS MB':>12} {'(RSS sum)':>10} {'< 2 GB':>7}  load after  message")
+    print(f"{'notebook':28} {'ok':3} {'wall s':>8} {'peak MB':>12} {'(RSS sum)':>10} {'< 2 GB':>7}  load after  message")
     results = []
     for p in paths:
         cwd = None
@@ -238,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
             "parameters": "ci" if args.ci else "default", "load_average_end": os.getloadavg(),
-            "method": "papermill per notebook, fresh kernel; peak_pss_bytes = max over samples of the summed "
-                      "PSS of the kernel process tree (every page once), peak_rss_bytes = the same for summed "
-                      f"RSS (upper bound); sampled every {args.poll} s; threads: OMP_NUM_THREADS="
+            "method": "papermill per notebook, fresh kernel; peak_pss_bytes = max over samples of the kernel's "
+                      "RSS plus the private memory (USS) of its children (every page once), peak_rss_bytes = the "
+                      f"same for the summed RSS (upper bound); sampled every {args.poll} s; threads: OMP_NUM_THREADS="
                       f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
             "results": [asdict(r) for r in results]}, indent=2))
     return 0 if all(r.ok for r in results) else 1

@@ -59,6 +59,7 @@ class RunResult:
     message: str = ""
     parameters: dict = field(default_factory=dict)
     peak_pss_bytes: int | None = None  # kernel RSS + private memory of its children (see _tree_mem)
+    peak_cell: str = ""  # the code cell running when the peak was sampled
 
     @property
     def peak_mb(self) -> float | None:
@@ -79,6 +80,9 @@ def _private_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return total if seen == 2 else None
+
+
+CHILDREN_SEEN: dict = {}  # (pid, name) -> largest RSS seen: what the kernel started (printed with --verbose)
 
 
 def _tree_mem(proc) -> tuple[int, int | None]:
@@ -107,7 +111,10 @@ def _tree_mem(proc) -> tuple[int, int | None]:
             continue
         for child in descendants:
             try:
-                rss += child.memory_info().rss
+                c_rss = child.memory_info().rss
+                rss += c_rss
+                key = (child.pid, child.name())
+                CHILDREN_SEEN[key] = max(CHILDREN_SEEN.get(key, 0), c_rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             private = _private_bytes(child.pid)
@@ -187,9 +194,12 @@ def run_notebook(path: Path, parameters: dict | None = None, *, timeout_s: float
     drain.start()
     out_drain = threading.Thread(target=lambda: proc.stdout.read(), daemon=True)
     out_drain.start()
+    peak_at = None
     while proc.poll() is None:
         rss, pss = _tree_mem(proc)
         peak = max(peak, rss)
+        if pss is not None and peak_pss is not None and pss > peak_pss:
+            peak_at = time.time()
         peak_pss = None if pss is None or peak_pss is None else max(peak_pss, pss)
         if time.perf_counter() - t0 > timeout_s:
             timed_out = True
@@ -209,9 +219,31 @@ def run_notebook(path: Path, parameters: dict | None = None, *, timeout_s: float
         message = f"timed out after {timeout_s:.0f} s; " + _diagnose(out_path, "")
     elif not ok:
         message = _diagnose(out_path, stderr)
+    peak_cell = _cell_at(out_path, peak_at) if peak_at is not None else ""
     if tmp is not None:
         tmp.cleanup()
-    return RunResult(path.name, ok, wall, peak or None, proc.returncode, message, parameters, peak_pss or None)
+    return RunResult(path.name, ok, wall, peak or None, proc.returncode, message, parameters, peak_pss or None,
+                     peak_cell)
+
+
+def _cell_at(out_path: Path, when: float) -> str:
+    """The code cell of the executed notebook that was running at ``when`` (from papermill's timestamps)."""
+    from datetime import datetime
+
+    try:
+        nb = json.loads(Path(out_path).read_text())
+    except (OSError, ValueError):
+        return ""
+    for index, cell in enumerate(nb.get("cells", [])):
+        pm = cell.get("metadata", {}).get("papermill", {})
+        start, end = pm.get("start_time"), pm.get("end_time")
+        if cell.get("cell_type") != "code" or not start:
+            continue
+        t0 = datetime.fromisoformat(start.replace("Z", "+00:00")).timestamp()
+        t1 = datetime.fromisoformat(end.replace("Z", "+00:00")).timestamp() if end else float("inf")
+        if t0 <= when <= t1:
+            return _cell_label(cell, index)
+    return ""
 
 
 def _load_average() -> str:
@@ -226,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per notebook (default 1200)")
     ap.add_argument("--poll", type=float, default=0.25, help="seconds between memory samples")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--verbose", action="store_true", help="also list the processes each kernel started")
     ap.add_argument("--keep", help="keep each executed notebook and its files in KEEP/<notebook name>/")
     args = ap.parse_args(argv)
     paths = notebooks(args.select)
@@ -246,11 +279,17 @@ def main(argv: list[str] | None = None) -> int:
             cwd.mkdir(parents=True, exist_ok=True)
         res = run_notebook(p, ci_parameters(p) if args.ci else {}, timeout_s=args.timeout, poll_s=args.poll, cwd=cwd)
         results.append(res)
+        if args.verbose and CHILDREN_SEEN:
+            print("  processes the kernel started (largest RSS seen): " + ", ".join(
+                f"{name} {b / 1e6:,.0f} MB" for (_, name), b in sorted(CHILDREN_SEEN.items())), flush=True)
+        CHILDREN_SEEN.clear()
         under = "-" if res.peak_mb is None else ("yes" if res.peak_mb * 1e6 < BINDER_LIMIT_BYTES else "NO")
         peak = "-" if res.peak_mb is None else f"{res.peak_mb:,.0f}"
         rss = "-" if res.peak_rss_bytes is None else f"{res.peak_rss_bytes / 1e6:,.0f}"
         print(f"{p.name:28} {'ok' if res.ok else 'NO':3} {res.wall_s:8.1f} {peak:>12} {rss:>10} {under:>7}  "
               f"{_load_average():11} {res.message}", flush=True)
+        if res.peak_cell:
+            print(f"  peak during {res.peak_cell}", flush=True)
     total = sum(r.wall_s for r in results)
     print(f"# total wall time {total:.1f} s ({total / 60:.1f} min); failures: {sum(not r.ok for r in results)}")
     if args.json:

@@ -82,6 +82,8 @@ def load(path, model=None, backend: str = "auto"):
         state[k] = state[src]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k not in meta.get("tied", {})]
+    if not missing:
+        missing = [n for n, p in model.named_parameters() if p.is_meta]  # never in the checkpoint
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights") and meta.get("tied"):
@@ -107,9 +109,14 @@ def _skeleton(path: Path, meta: dict):
     cls = getattr(transformers, meta["class"], None)
     if cls is None:
         raise ValueError(f"transformers has no class {meta['class']!r}; pass load(path, model=...)")
-    # built on the CPU (not "meta"): non-persistent buffers such as rotary frequencies are not in
-    # the checkpoint and must be computed by the constructor
-    return cls(config)
+    # Parameters on the "meta" device (no memory, no random init: SmolLM2's would be 538 MB of fp32 that
+    # the checkpoint replaces at once); buffers stay real, since non-persistent ones such as rotary
+    # frequencies are not in the checkpoint and must be computed by the constructor. accelerate's helper
+    # does exactly this and comes with peft.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return cls(config)
 
 
 def export_bitsandbytes(model, path) -> Path:

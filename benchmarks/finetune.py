@@ -39,15 +39,6 @@ def _uptime() -> str:
         return "load average unknown"
 
 
-def _trim_heap() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
 def child(spec: dict) -> dict:
     """Run one variant in this process; returns its figures."""
     import gc
@@ -55,6 +46,7 @@ def child(spec: dict) -> dict:
     import torch
 
     import effnb
+    from effnb.measure.memory import trim_heap
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -75,7 +67,7 @@ def child(spec: dict) -> dict:
     else:
         raise ValueError(f"unknown variant {variant!r}")
     gc.collect()
-    _trim_heap()  # hand memory freed above (the fp32 model of QLoRA) back to the OS, so the peak's rise is real
+    trim_heap()  # hand memory freed above (the fp32 model of QLoRA) back to the OS, so the peak's rise is real
     t0 = time.perf_counter()
     res = effnb.finetune(work, steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"],
                          seq_len=spec["seq_len"], eval_every=spec["eval_every"], seed=spec["seed"],

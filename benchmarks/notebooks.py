@@ -58,13 +58,13 @@ class RunResult:
     returncode: int | None
     message: str = ""
     parameters: dict = field(default_factory=dict)
-    peak_pss_bytes: int | None = None  # kernel RSS + private memory of its children (see _tree_mem)
+    peak_kernel_bytes: int | None = None  # kernel RSS + private memory of its children (see _tree_mem)
     peak_cell: str = ""  # the code cell running when the peak was sampled
 
     @property
     def peak_mb(self) -> float | None:
         """The peak the 2 GB check uses: kernel RSS + children's private memory where readable, else summed RSS."""
-        b = self.peak_pss_bytes if self.peak_pss_bytes is not None else self.peak_rss_bytes
+        b = self.peak_kernel_bytes if self.peak_kernel_bytes is not None else self.peak_rss_bytes
         return None if b is None else b / 1e6
 
 
@@ -185,7 +185,7 @@ def run_notebook(path: Path, parameters: dict | None = None, *, timeout_s: float
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env,
                         start_new_session=True)
-    peak, peak_pss = 0, 0
+    peak, peak_once = 0, 0
     timed_out = False
     err_chunks: list[str] = []
     import threading
@@ -196,11 +196,11 @@ def run_notebook(path: Path, parameters: dict | None = None, *, timeout_s: float
     out_drain.start()
     peak_at = None
     while proc.poll() is None:
-        rss, pss = _tree_mem(proc)
+        rss, once = _tree_mem(proc)
         peak = max(peak, rss)
-        if pss is not None and peak_pss is not None and pss > peak_pss:
+        if once is not None and peak_once is not None and once > peak_once:
             peak_at = time.time()
-        peak_pss = None if pss is None or peak_pss is None else max(peak_pss, pss)
+        peak_once = None if once is None or peak_once is None else max(peak_once, once)
         if time.perf_counter() - t0 > timeout_s:
             timed_out = True
             try:
@@ -222,7 +222,7 @@ def run_notebook(path: Path, parameters: dict | None = None, *, timeout_s: float
     peak_cell = _cell_at(out_path, peak_at) if peak_at is not None else ""
     if tmp is not None:
         tmp.cleanup()
-    return RunResult(path.name, ok, wall, peak or None, proc.returncode, message, parameters, peak_pss or None,
+    return RunResult(path.name, ok, wall, peak or None, proc.returncode, message, parameters, peak_once or None,
                      peak_cell)
 
 
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
             "parameters": "ci" if args.ci else "default", "load_average_end": os.getloadavg(),
-            "method": "papermill per notebook, fresh kernel; peak_pss_bytes = max over samples of the kernel's "
+            "method": "papermill per notebook, fresh kernel; peak_kernel_bytes = max over samples of the kernel's "
                       "RSS plus the private memory (USS) of its children (every page once), peak_rss_bytes = the "
                       f"same for the summed RSS (upper bound); sampled every {args.poll} s; threads: OMP_NUM_THREADS="
                       f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",

@@ -191,9 +191,6 @@ def finetune(model, data="python-api", steps: int = 60, *, name: str | None = No
     if plus_ratio is not None and not _is_peft(model):
         raise ValueError("plus_ratio (LoRA+) needs LoRA adapters; attach them with effnb.lora(model) first")
     work = model if cfg.inplace else copy_model(model)
-    from ..measure.memory import trim_heap
-
-    trim_heap()  # start from what is live: earlier cells' freed memory would otherwise add to this run's peak
     if cfg.gradient_checkpointing and hasattr(work, "gradient_checkpointing_enable"):
         work.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base_name = name or model_name(model)
@@ -208,6 +205,8 @@ def finetune(model, data="python-api", steps: int = 60, *, name: str | None = No
                    before_loss=before_loss, eval_tokens=cfg.eval_tokens)
     if cfg.gradient_checkpointing and hasattr(work, "gradient_checkpointing_disable"):
         work.gradient_checkpointing_disable()
+    from ..measure.memory import trim_heap
+
     trim_heap()  # activations and gradients freed by the loop
     hist = run["history"]
     done = len(hist["step"])

@@ -320,17 +320,25 @@ class MoEFFN(nn.Module):
         n_in = 2 if self.gated else 1
         return 2 * self.hidden * self.experts + 2 * self.top_k * self.hidden * self.expert_size * (n_in + 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # [T, H]
+    def _route(self, x2: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Route tokens [T, H]; keeps the router logits and expert indices for aux_loss and moe_stats."""
         logits = self.router(x2)  # [T, E]
         weights, index = route(logits, self.top_k, self.combine)
         self.last_router_logits, self.last_expert_index = logits, index
-        fn = moe_ffn_reference if self.reference else moe_ffn
-        y = fn(x2, index, weights, self.w_in, self.w_out, self.b_in, self.act, self.gated)
+        return weights, index
+
+    def _finish(self, y: torch.Tensor, shape) -> torch.Tensor:
         if self.b_out is not None:
             y = y + self.b_out
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [T, H]
+        weights, index = self._route(x2)
+        fn = moe_ffn_reference if self.reference else moe_ffn
+        y = fn(x2, index, weights, self.w_in, self.w_out, self.b_in, self.act, self.gated)
+        return self._finish(y, shape)
 
 
 def moe_blocks(model) -> list[tuple[str, MoEFFN]]:

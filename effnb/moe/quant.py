@@ -24,7 +24,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from .block import MoEFFN, _activate, moe_blocks, permute, route, unpermute_combine
+from .block import MoEFFN, _activate, moe_blocks, permute, unpermute_combine
 
 
 class QuantMoEFFN(MoEFFN):
@@ -60,9 +60,7 @@ class QuantMoEFFN(MoEFFN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [T, H]
-        logits = self.router(x2)  # [T, E]
-        weights, index = route(logits, self.top_k, self.combine)
-        self.last_router_logits, self.last_expert_index = logits, index
+        weights, index = self._route(x2)
         T, k = index.shape
         order, token, counts = permute(index, self.experts)
         xs = x2.index_select(0, token)  # [T*k, H] sorted by expert
@@ -73,10 +71,7 @@ class QuantMoEFFN(MoEFFN):
                 outs.append(self.experts_out[e](_activate(h, self.act, self.gated, self.expert_size)))
                 start += n
         ys = torch.cat(outs)
-        y = unpermute_combine(ys.to(x2.dtype), order, weights, T, k)
-        if self.b_out is not None:
-            y = y + self.b_out
-        return y.reshape(*shape[:-1], y.shape[-1])
+        return self._finish(unpermute_combine(ys.to(x2.dtype), order, weights, T, k), shape)
 
 
 def _expert_linear(w_kn: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

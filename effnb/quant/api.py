@@ -58,9 +58,7 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     quant_s = time.perf_counter() - t0
     from .report import build_result
 
-    result = build_result(model, qmodel, cfg, layer_stats, quant_s, name=name)
-    trim_heap()
-    return result
+    return build_result(model, qmodel, cfg, layer_stats, quant_s, name=name)  # measuring trims after each model
 
 
 # ------------------------------------------------------------------------------ layer selection

@@ -628,6 +628,43 @@ void effnb_quantize_rtn(const float* w, int64_t N, int64_t K, int64_t g, int mod
 // table index; identity for nf4). Packs element 2i in the HIGH nibble. Also returns the sum of
 // squared errors (w - table[q] * absmax)^2, so the per-layer SNR needs no dequantization.
 // n even; a last, shorter block gets its own absmax (as bitsandbytes does).
+// Shared by effnb_quantize_4bit and effnb_nf4_search: the code bitsandbytes picks for one weight at
+// a given scale's reciprocal, and a whole block encoded and packed with its squared error.
+static inline uint8_t code4(float w, float inv, const float* bounds, const uint8_t* order) {
+    float sc = w * inv;
+    sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
+    int idx = 0;
+    idx += (sc > bounds[idx + 7]) ? 8 : 0;
+    idx += (sc > bounds[idx + 3]) ? 4 : 0;
+    idx += (sc > bounds[idx + 1]) ? 2 : 0;
+    idx += (sc > bounds[idx]) ? 1 : 0;
+    return order[idx];
+}
+
+static inline float block_absmax(const float* w, int64_t k0, int64_t k1) {
+    float am = 0.f;
+    for (int64_t k = k0; k < k1; ++k) am = fabsf(w[k]) > am ? fabsf(w[k]) : am;
+    return am;
+}
+
+// Codes of w[k0:k1] at scale s, packed (element 2i in the HIGH nibble); returns sum (w - table[q] s)^2.
+static inline double encode_block4(const float* w, int64_t k0, int64_t k1, float s, const float* bounds,
+                                   const uint8_t* order, const float* table, uint8_t* packed) {
+    const float inv = 1.0f / (s > 1e-38f ? s : 1e-38f);
+    double err = 0.0;
+    for (int64_t k = k0; k < k1; k += 2) {
+        uint8_t q2[2] = {0, 0};
+        for (int j = 0; j < 2 && k + j < k1; ++j) {
+            const uint8_t q = code4(w[k + j], inv, bounds, order);
+            q2[j] = q;
+            const float d = w[k + j] - table[q] * s;
+            err += (double)d * d;
+        }
+        packed[k / 2] = (uint8_t)((q2[0] << 4) | q2[1]);
+    }
+    return err;
+}
+
 void effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
                          const float* table, uint8_t* packed, float* absmax, double* sq_err, int nthreads) {
     const int64_t nblocks = (n + bs - 1) / bs;
@@ -635,29 +672,9 @@ void effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bou
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
     for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
-        float am = 0.f;
-        for (int64_t k = k0; k < k1; ++k) am = fabsf(w[k]) > am ? fabsf(w[k]) : am;
+        const float am = block_absmax(w, k0, k1);
         absmax[b] = am;
-        const float inv = 1.0f / (am > 1e-38f ? am : 1e-38f);
-        double err = 0.0;
-        for (int64_t k = k0; k < k1; k += 2) {
-            uint8_t q2[2];
-            for (int j = 0; j < 2; ++j) {
-                float sc = w[k + j] * inv;
-                sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
-                int idx = 0;
-                idx += (sc > bounds[idx + 7]) ? 8 : 0;
-                idx += (sc > bounds[idx + 3]) ? 4 : 0;
-                idx += (sc > bounds[idx + 1]) ? 2 : 0;
-                idx += (sc > bounds[idx]) ? 1 : 0;
-                const uint8_t q = order[idx];
-                q2[j] = q;
-                const float d = w[k + j] - table[q] * am;
-                err += (double)d * d;
-            }
-            packed[k / 2] = (uint8_t)((q2[0] << 4) | q2[1]);
-        }
-        total += err;
+        total += encode_block4(w, k0, k1, am, bounds, order, table, packed);
     }
     *sq_err = total;
 }
@@ -677,8 +694,7 @@ void effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
     for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
-        float am = 0.f;
-        for (int64_t k = k0; k < k1; ++k) am = fabsf(w[k]) > am ? fabsf(w[k]) : am;
+        const float am = block_absmax(w, k0, k1);
         const float am_safe = am > 1e-38f ? am : 1e-38f;
         const float inv_am = 1.0f / am_safe;
         float best_s = am, best_e = INFINITY;
@@ -688,40 +704,14 @@ void effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds
             const float inv = 1.0f / (s > 1e-38f ? s : 1e-38f);
             float e = 0.f;
             for (int64_t k = k0; k < k1; ++k) {
-                float sc = w[k] * inv;
-                sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
-                int idx = 0;
-                idx += (sc > bounds[idx + 7]) ? 8 : 0;
-                idx += (sc > bounds[idx + 3]) ? 4 : 0;
-                idx += (sc > bounds[idx + 1]) ? 2 : 0;
-                idx += (sc > bounds[idx]) ? 1 : 0;
-                const float d = w[k] - table[order[idx]] * s;
+                const float d = w[k] - table[code4(w[k], inv, bounds, order)] * s;
                 const float r = w[k] * inv_am;
                 e += (1.0f + alpha * r * r) * d * d;
             }
             if (e < best_e) { best_e = e; best_s = s; }
         }
         scales[b] = best_s;
-        const float inv = 1.0f / (best_s > 1e-38f ? best_s : 1e-38f);
-        double err = 0.0;
-        for (int64_t k = k0; k < k1; k += 2) {
-            uint8_t q2[2] = {0, 0};
-            for (int j = 0; j < 2 && k + j < k1; ++j) {
-                float sc = w[k + j] * inv;
-                sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
-                int idx = 0;
-                idx += (sc > bounds[idx + 7]) ? 8 : 0;
-                idx += (sc > bounds[idx + 3]) ? 4 : 0;
-                idx += (sc > bounds[idx + 1]) ? 2 : 0;
-                idx += (sc > bounds[idx]) ? 1 : 0;
-                const uint8_t q = order[idx];
-                q2[j] = q;
-                const float d = w[k + j] - table[q] * best_s;
-                err += (double)d * d;
-            }
-            packed[k / 2] = (uint8_t)((q2[0] << 4) | q2[1]);
-        }
-        total += err;
+        total += encode_block4(w, k0, k1, best_s, bounds, order, table, packed);
     }
     *sq_err = total;
 }

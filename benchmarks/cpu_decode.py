@@ -1,7 +1,7 @@
 """CPU decode speed of SmolLM2-135M: fp32 vs effnb's quantized layers vs bitsandbytes and torch int8.
 
     python benchmarks/cpu_decode.py [--tokens 64] [--rounds 5] [--threads 2] [--only ...] [--json out.json]
-    python benchmarks/cpu_decode.py --openmp     # also the same effnb models with the kernels' threads from OpenMP
+    python benchmarks/cpu_decode.py --threading  # also int8/int4 with the kernels' threads forced to OpenMP / effnb's pool
 
 Greedy decode of --tokens new tokens after a short prompt; all variants are timed in interleaved
 rounds (round r times every variant once) so load from other processes hits them alike; the
@@ -30,7 +30,7 @@ EFFNB = {
     "effnb nf4 (reference path) g64": {"method": "nf4", "group_size": 64, "backend": "reference"},
     "effnb int8 per-channel + lm_head": {"method": "int8", "group_size": 0, "quantize_lm_head": True},
 }
-OPENMP = ("effnb int8 per-channel", "effnb int4 g64 (rtn)")  # timed again with --openmp
+FORCED = ("effnb int8 per-channel", "effnb int4 g64 (rtn)")  # timed again with --threading
 
 
 def main(argv=None) -> int:
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="")
     ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (acceptance: 2)")
-    ap.add_argument("--openmp", action="store_true", help="also time " + ", ".join(OPENMP) + " with the decode "
-                    "kernels' threads from OpenMP instead of effnb's pool (same models, same run)")
+    ap.add_argument("--threading", action="store_true", help="also time " + ", ".join(FORCED) + " with the decode "
+                    "kernels' threads forced to OpenMP and to effnb's pool (default: auto; same models, same run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
@@ -59,12 +59,13 @@ def main(argv=None) -> int:
     for label, opts in EFFNB.items():
         if not only or any(o in label for o in only):
             variants[label] = effnb.quantize(model, **opts, measure=False, share_unquantized=True).model
-    threading = {k: "pool" for k in variants}
-    if args.openmp:
-        for label in OPENMP:
+    threading = {k: "auto" for k in variants}
+    if args.threading:
+        for label in FORCED:
             if label in variants:
-                variants[label + " [OpenMP threads]"] = variants[label]
-                threading[label + " [OpenMP threads]"] = "openmp"
+                for mode in ("openmp", "pool"):
+                    variants[f"{label} [{mode}]"] = variants[label]
+                    threading[f"{label} [{mode}]"] = mode
     if not only or any("bnb" in o for o in only):
         variants["bnb nf4 b64"] = bnb_model(model, "nf4", 64)
     if not only or any("torch" in o for o in only):
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     from effnb.quant import cpu_ext
 
     def gen(m, label=None):
-        cpu_ext.set_decode_threading(threading.get(label, "pool"))
+        cpu_ext.set_decode_threading(threading.get(label, "auto"))
         with torch.inference_mode():
             return m.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
 
@@ -96,15 +97,20 @@ def main(argv=None) -> int:
           f"median of {args.rounds} interleaved rounds, {time.strftime('%Y-%m-%d')}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'variant':30s} {'tok/s':>7s} {'vs fp32':>8s}  backend")
+    cpu_ext.set_decode_threading("auto")
     for k, ts in times.items():
         tps = args.tokens / statistics.median(ts)
         calls = backend_summary(variants[k])
         rows.append({"variant": k, "tokens_per_s": tps, "vs_fp32": tps / base, "backend_calls": calls,
                      "spread_s": [min(ts), max(ts)]})
         print(f"{k:30s} {tps:7.1f} {tps / base:8.2f}  {calls or ''}")
+    stats = cpu_ext.decode_threading_stats()
+    print(f"decode kernels' OpenMP calls that stalled > 1 ms: {stats['stalls']}; auto mode moved to effnb's pool "
+          f"{stats['switches']} times")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
-                                               "load_average_end": os.getloadavg(), "rows": rows}, indent=2))
+                                               "load_average_end": os.getloadavg(), "rows": rows,
+                                               "threading_stats": stats}, indent=2))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Decode-kernel threading on a CPU: effnb's pool vs OpenMP, and fp32 ``F.linear``, in one run.
+"""Decode-kernel threading on a CPU: auto (the default), OpenMP, effnb's pool, and fp32 ``F.linear``, in one run.
 
     python benchmarks/cpu_kernel_threads.py [--threads 2] [--rounds 7] [--layers 40]
 
@@ -7,7 +7,8 @@ One matrix-vector product (a decode step's input, 1 row) through SmolLM2-sized l
 cache, as in a real decode. Variants are interleaved round by round; the median over rounds is
 reported. Run it on a quiet machine and again while another process keeps the cores busy
 (e.g. ``python -c "while True: pass" &`` twice): OpenMP's end-of-region barrier waits for every
-thread, so one descheduled worker stalls a call; effnb's pool lets the caller finish the work.
+thread, so one descheduled worker stalls a call; effnb's pool lets the caller finish the work; auto
+uses OpenMP and moves to the pool for 2 s when stalls add up to 10 % of a 200 ms window.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def main(argv=None) -> int:
             method, g = spec.split(":")
             cfg = QuantConfig.from_kwargs(method=method, group_size=int(g))
             layers = [_quantize_layer("x", lin, cfg, None)[0] for lin in lins]
-            variants[f"{method} g{g}, effnb pool"] = (layers, "pool")
+            variants[f"{method} g{g}, auto"] = (layers, "auto")
             variants[f"{method} g{g}, OpenMP"] = (layers, "openmp")
+            variants[f"{method} g{g}, effnb pool"] = (layers, "pool")
         x = torch.randn(1, 1, k)
         times: dict[str, list[float]] = {v: [] for v in variants}
         with torch.inference_mode():
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
                         for m in mods:
                             m(x)
                     times[label].append((time.perf_counter() - t) / (5 * len(mods)) * 1e6)
-        cpu_ext.set_decode_threading("pool")
+        cpu_ext.set_decode_threading("auto")
         base = statistics.median(times["fp32 F.linear"])
         print(f"\n{n}x{k} (out x in), microseconds per call, load average {os.getloadavg()[0]:.1f} at the end")
         for label, ts in times.items():

@@ -44,40 +44,52 @@ def test_cpu_kernel_matches_reference(fmt, kw, rows):
     assert layer.backend_calls["cpu-fast"] == 1
 
 
-def _forked_child_result(layer, x, ref, conn):
+def _forked_child_result(layer, x, ref, mode, conn):
     torch.set_num_threads(2)
+    cpu_ext.set_decode_threading(mode)
     conn.send(bool(torch.equal(layer(x), ref)))
 
 
-def test_decode_thread_pool_is_exact_with_any_threads_callers_or_fork():
-    """The decode kernels' thread pool: each output row is computed by one thread in a fixed order,
-    so any thread count gives bit-identical results; concurrent callers and forked children work."""
+@pytest.mark.parametrize("mode", ["auto", "openmp", "pool"])
+def test_decode_threading_is_exact_with_any_threads_callers_or_fork(mode):
+    """The decode kernels' threads (OpenMP, effnb's pool, or auto: OpenMP until calls keep stalling):
+    each output row is computed by one thread in a fixed order, so any thread count and either way
+    of threading give bit-identical results; concurrent callers and forked children work."""
     import multiprocessing as mp
     from concurrent.futures import ThreadPoolExecutor
 
     if cpu_ext.library() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
-    layer, _ = _layer("int4", n=1000, k=256)  # 63 chunks of 16 rows
+    layer, _ = _layer("int4", n=1001, k=256)  # 62 chunks of 16 rows and one of 9
     layer.backend = "cpu"
     x = torch.randn(2, 256)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         ref = layer(x)
+        cpu_ext.set_decode_threading(mode)
         for threads in (2, 3, 2, 1, 4):
             torch.set_num_threads(threads)
-            assert all(torch.equal(layer(x), ref) for _ in range(30)), f"{threads} threads"
+            assert all(torch.equal(layer(x), ref) for _ in range(30)), f"{mode}, {threads} threads"
         torch.set_num_threads(2)
         with ThreadPoolExecutor(4) as ex:
             outs = list(ex.map(lambda _: layer(x), range(64)))
         assert all(torch.equal(o, ref) for o in outs)
         parent, child = mp.get_context("fork").Pipe()
-        proc = mp.get_context("fork").Process(target=_forked_child_result, args=(layer, x, ref, child))
+        proc = mp.get_context("fork").Process(target=_forked_child_result, args=(layer, x, ref, mode, child))
         proc.start()
         proc.join(60)
         assert proc.exitcode == 0 and parent.poll(1) and parent.recv() is True
     finally:
         torch.set_num_threads(old)
+        cpu_ext.set_decode_threading("auto")
+
+
+def test_decode_threading_modes_are_named():
+    with pytest.raises(ValueError, match=r"unknown decode threading 'omp' \(choices: auto, openmp, pool\)"):
+        cpu_ext.set_decode_threading("omp")
+    stats = cpu_ext.decode_threading_stats()
+    assert set(stats) == {"stalls", "switches", "on_pool"}
 
 
 @pytest.mark.parametrize("fmt,g,symmetric", [("int4", 64, False), ("int4", 32, True), ("int8", 64, False),

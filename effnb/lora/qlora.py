@@ -29,7 +29,9 @@ class _DequantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: [..., N] -> grad_x: [..., K]; the weight is frozen
-        w = ctx.layer.dequantize().to(device=grad_y.device, dtype=grad_y.dtype)  # [N, K]
+        from ..quant.backends import dequantize_fast
+
+        w = dequantize_fast(ctx.layer).to(device=grad_y.device, dtype=grad_y.dtype)  # [N, K]
         return grad_y @ w, None
 
 

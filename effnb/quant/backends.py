@@ -129,7 +129,8 @@ def _ptr(t: torch.Tensor | None):
 def _prepare_cpu(layer):
     """A closure with every pointer and size bound, so a decode call costs a few microseconds."""
     lib = cpu_ext.library()
-    K, N, g, nt = layer.in_features, layer.out_features, layer.group_size, cpu_ext.num_threads()
+    K, N, g = layer.in_features, layer.out_features, layer.group_size
+    threads = torch.get_num_threads  # read at each call: torch.set_num_threads applies at once
     bias = layer.bias.detach().float().contiguous() if layer.bias is not None else None
     keep = [bias]  # tensors the pointers refer to stay alive with the closure
     if layer.fmt == "int4":
@@ -144,15 +145,16 @@ def _prepare_cpu(layer):
         else:
             stats = (layer.absmax.data_ptr(), None, None, None, 0.0)
         fn, args = lib.effnb_lut4_linear, (layer.qweight.data_ptr(), *stats, g, 256, table.data_ptr())
-    bias_ptr = _ptr(bias)
+    tail = (*args, _ptr(bias))
+    f32 = torch.float32
 
     def run(x: torch.Tensor, _keep=keep) -> torch.Tensor:
         x2 = x.reshape(-1, K)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32).contiguous()
-        y = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
-        fn(x2.data_ptr(), x2.shape[0], K, N, *args, bias_ptr, y.data_ptr(), nt)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        if x2.dtype != f32 or not x2.is_contiguous():
+            x2 = x2.to(f32).contiguous()
+        y = torch.empty(x.shape[:-1] + (N,), dtype=f32)
+        fn(x2.data_ptr(), x2.shape[0], K, N, *tail, y.data_ptr(), threads())
+        return y if x.dtype == f32 else y.to(x.dtype)
 
     return run
 
@@ -203,6 +205,14 @@ def cpu_dequantize(layer) -> torch.Tensor:
         lib.effnb_lut4_dequant(layer.qweight.data_ptr(), absmax.data_ptr(), N * K, g, _table(layer.fmt).data_ptr(),
                                out.data_ptr(), nt)
     return out
+
+
+def dequantize_fast(layer) -> torch.Tensor:
+    """``layer.dequantize()``, through the compiled routine where it applies (same values, one fp32
+    allocation instead of the reference's several temporaries); QLoRA's backward uses it."""
+    if layer.qweight.device.type == "cpu" and _cpu_dequant_supports(layer, layer.qweight) is None:
+        return cpu_dequantize(layer)
+    return layer.dequantize()
 
 
 def _cpu_dequant_run(layer, x: torch.Tensor) -> torch.Tensor:

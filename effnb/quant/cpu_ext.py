@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "qlinear.cpp"
 _FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-shared", "-fPIC"]
-_ABI = 7
+_ABI = 8
 
 _lib: ctypes.CDLL | None = None
 _status: dict = {"loaded": False, "reason": "not built yet", "path": None}
@@ -47,6 +47,7 @@ _SIGNATURES = {
     "effnb_int8_dequant": [_p, _p, _i64, _i64, _i64, _p, ctypes.c_int],
     "effnb_lut4_dequant": [_p, _p, _i64, _i64, _p, _p, ctypes.c_int],
     "effnb_set_decode_threading": [ctypes.c_int],
+    "effnb_decode_threading_stats": [_p],
     "effnb_quantize_rtn": [_p, _i64, _i64, _i64, ctypes.c_int, _p, _p, _p, _p, ctypes.c_int],
     "effnb_nf4_search": [_p, _i64, _i64, _p, _p, _p, ctypes.c_float, ctypes.c_float, ctypes.c_int, _p, _p, _p,
                          ctypes.c_int],
@@ -145,14 +146,32 @@ def status() -> dict:
     return dict(_status)
 
 
+_THREADING = {"auto": 0, "openmp": 1, "pool": 2}
+
+
 def set_decode_threading(mode: str) -> None:
-    """How the decode kernels use threads: "pool" (effnb's own, the default) or "openmp" (kept so
-    benchmarks/cpu_decode.py can compare the two in one run; see csrc/qlinear.cpp for why)."""
-    if mode not in ("pool", "openmp"):
-        raise ValueError(f"unknown decode threading {mode!r} (choices: pool, openmp)")
+    """How the decode kernels use threads (see csrc/qlinear.cpp, ``pool`` and ``over_rows``).
+
+    "auto" (the default): torch's OpenMP threads, moving to effnb's own pool for 2 s when calls keep
+    stalling on a thread that is not running (a busy machine); "openmp" or "pool" force one of the
+    two (benchmarks/cpu_decode.py compares them in one run).
+    """
+    if mode not in _THREADING:
+        raise ValueError(f"unknown decode threading {mode!r} (choices: {', '.join(_THREADING)})")
     lib = library(quiet=True)
     if lib is not None:
-        lib.effnb_set_decode_threading(0 if mode == "pool" else 1)
+        lib.effnb_set_decode_threading(_THREADING[mode])
+
+
+def decode_threading_stats() -> dict:
+    """Since the library was loaded: "stalls" (OpenMP decode calls that waited over 1 ms for a thread),
+    "switches" (times auto mode moved to the pool); "on_pool": whether it is on the pool now."""
+    lib = library(quiet=True)
+    if lib is None:
+        return {"stalls": 0, "switches": 0, "on_pool": False}
+    out = (ctypes.c_int64 * 3)()
+    lib.effnb_decode_threading_stats(out)
+    return {"stalls": int(out[0]), "switches": int(out[1]), "on_pool": bool(out[2])}
 
 
 def num_threads() -> int:

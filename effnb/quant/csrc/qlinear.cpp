@@ -1,9 +1,10 @@
 // effnb CPU kernels for weight-only quantized Linear layers: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
 //
 // Plain C ABI (no torch headers: builds in about a second with g++), called through ctypes from
-// effnb/quant/cpu_ext.py. The decode kernels split their rows over effnb's own small thread pool
-// (see `pool` below for why not OpenMP); the quantization routines use OpenMP, whose runtime is
-// torch's own libgomp, already loaded in the process, so there is one OpenMP pool, not two.
+// effnb/quant/cpu_ext.py. The decode kernels split their rows over torch's OpenMP threads, and
+// over effnb's own small thread pool for a while after an OpenMP call stalled (see `pool` and
+// `over_rows` below); the quantization routines use OpenMP. The OpenMP runtime is torch's own
+// libgomp, already loaded in the process, so there is one OpenMP pool, not two.
 //
 // The weights are read in exactly the formats effnb stores (see effnb/quant/formats.py):
 //   int4 : qweight u8 [N, K/2], column 2j in the LOW nibble, 2j+1 in the HIGH nibble;
@@ -25,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -42,13 +44,21 @@
 // The decode kernels are matrix-vector products of ~50-150 us. An OpenMP parallel region ends at
 // a barrier that waits for every thread of its team, so on a shared machine (a 2-core Binder
 // session, a laptop also running a browser) one worker that the OS has not scheduled stalls the
-// call for a scheduler time slice: measured 8 ms per call instead of 0.13 ms on this project's
-// 2-core machine while another process kept both cores busy. Here the caller and the workers claim
-// chunks from one atomic counter, and the call returns as soon as every chunk is done: a worker
-// that never woke up costs nothing, since the caller has done its share. Workers keep polling for
-// 2 ms after a call, yielding the core at every turn, then sleep: waking a sleeping worker costs
-// more than a small call (measured: with a 20-50 us spin, decode ran at 0.98x fp32 for int4
-// against 1.53x with OpenMP's spinning threads).
+// call for a scheduler time slice: measured 16 ms per call instead of 0.5 ms on this project's
+// 2-core machine while another process kept both cores busy. In this pool the caller and the
+// workers claim chunks from one atomic counter, and the call returns as soon as every chunk is
+// done: a worker that never woke up costs nothing, since the caller has done its share. Workers
+// keep polling for 2 ms after a call, yielding the core at every turn, then sleep.
+// On a quiet machine OpenMP is faster: torch's own OpenMP workers spin between torch's ops and
+// these calls alike, while a second set of threads competes with them for the cores (measured:
+// SmolLM2 int8 decode 44 ms/token on OpenMP threads, 66 ms on this pool). So `over_rows` uses
+// OpenMP and measures each call's wait at the closing barrier; when those waits add up to more
+// than 10 % of a 200 ms window (a busy machine, where nearly every call stalls), it runs on this
+// pool for the next 2 s, then tries OpenMP again (mode 0, "auto"). A single stall on a quiet
+// machine does not switch: 2 s on the pool would cost far more than it. Modes 1 and 2 force
+// OpenMP or the pool (cpu_ext.set_decode_threading). In a forked child the kernels always use the
+// pool: GNU OpenMP's threads do not survive fork, and a parallel region there waits for them
+// forever (so does torch's own matmul at 2 threads, measured).
 namespace pool {
 
 using Fn = void (*)(void*, int64_t);
@@ -73,7 +83,34 @@ struct State {
 
 // Never freed: detached workers may still be waiting on it while the process exits.
 std::atomic<State*> g_state{nullptr};
-std::atomic<int> g_mode{0};  // 0: this pool, 1: OpenMP (kept for comparison: cpu_ext.set_decode_threading)
+std::atomic<int> g_mode{0};  // 0: auto (OpenMP, the pool after a stall), 1: OpenMP, 2: this pool
+std::atomic<int64_t> g_pool_until{0};  // steady-clock ns: auto mode uses the pool until then
+std::atomic<int64_t> g_stalls{0};      // OpenMP calls that stalled (cpu_ext.decode_threading_stats)
+std::atomic<int64_t> g_switches{0};    // times auto mode moved to the pool
+std::atomic<bool> g_forked{false};     // this process is a fork()ed child: OpenMP would hang
+void on_fork_child() { g_forked.store(true); }
+const int g_atfork = pthread_atfork(nullptr, nullptr, on_fork_child);
+std::atomic<int64_t> g_window_start{0}, g_window_stalled{0};  // stall time in the current 200 ms window
+
+constexpr int64_t kStallNs = 1000000;       // a closing-barrier wait longer than this is a stall
+constexpr int64_t kWindowNs = 200000000;    // stall time is summed over windows of 200 ms
+constexpr int64_t kSwitchNs = 20000000;     // 10 % of the window stalled: move to the pool
+constexpr int64_t kPoolNs = 2000000000;     // for 2 s
+
+// Auto mode's bookkeeping after an OpenMP call that waited `waited` ns at its closing barrier.
+void note_wait(int64_t now, int64_t waited, int64_t busy) {
+    if (now - g_window_start.load(std::memory_order_relaxed) > kWindowNs) {
+        g_window_start.store(now, std::memory_order_relaxed);
+        g_window_stalled.store(0, std::memory_order_relaxed);
+    }
+    if (waited <= kStallNs || waited <= busy / 2) return;
+    g_stalls.fetch_add(1, std::memory_order_relaxed);
+    if (g_window_stalled.fetch_add(waited, std::memory_order_relaxed) + waited > kSwitchNs) {
+        g_pool_until.store(now + kPoolNs, std::memory_order_relaxed);
+        g_switches.fetch_add(1, std::memory_order_relaxed);
+        g_window_stalled.store(0, std::memory_order_relaxed);
+    }
+}
 
 inline uint32_t epoch_of(uint64_t w) { return (uint32_t)(w >> 40); }
 
@@ -195,40 +232,37 @@ inline float hsum(__m256 v) {
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
 
-// Reorder x so that each 32-column chunk reads [even columns..., odd columns...]:
-// the low (or high) nibbles of 16 packed bytes then meet 16 contiguous x values.
+// Reorder x so that each 16-column block reads [its 8 even columns, its 8 odd columns]: the low
+// (or high) nibbles of 8 packed bytes then meet 8 contiguous x values.
 void deinterleave(const float* x, float* xs, int64_t M, int64_t K) {
     for (int64_t m = 0; m < M; ++m) {
         const float* src = x + m * K;
         float* dst = xs + m * K;
-        for (int64_t c = 0; c < K; c += 32)
-            for (int i = 0; i < 16; ++i) {
+        for (int64_t c = 0; c < K; c += 16)
+            for (int i = 0; i < 8; ++i) {
                 dst[c + i] = src[c + 2 * i];
-                dst[c + 16 + i] = src[c + 2 * i + 1];
+                dst[c + 8 + i] = src[c + 2 * i + 1];
             }
     }
 }
 
-// Four vectors of 8 codes (as float or as int32 indices) for 32 packed columns starting at p.
+// Four vectors of 8 codes (int32 lanes) for 32 packed columns starting at p, in deinterleaved order:
+// even columns 0..14, odd 1..15, even 16..30, odd 17..31. Each 8 bytes are widened to int32 lanes
+// straight from memory (one shuffle), then split by a mask and a shift: 2 shuffles per 32 weights
+// where splitting the bytes first and widening each half took 6 (measured 1.3x on int4 decode).
 // first = the nibble that holds the even columns (low for int4, high for bitsandbytes).
 struct Nibbles {
-    __m256i a, b, c, d;  // even 0..7, even 8..15, odd 0..7, odd 8..15 (in deinterleaved order)
+    __m256i a, b, c, d;
 };
 
 template <bool HighFirst>
 inline Nibbles unpack32(const uint8_t* p) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    __m128i lo = _mm_and_si128(bytes, mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    __m128i ev = HighFirst ? hi : lo;
-    __m128i od = HighFirst ? lo : hi;
-    Nibbles n;
-    n.a = _mm256_cvtepu8_epi32(ev);
-    n.b = _mm256_cvtepu8_epi32(_mm_srli_si128(ev, 8));
-    n.c = _mm256_cvtepu8_epi32(od);
-    n.d = _mm256_cvtepu8_epi32(_mm_srli_si128(od, 8));
-    return n;
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256i lo0 = _mm256_and_si256(b0, mask), hi0 = _mm256_srli_epi32(b0, 4);
+    const __m256i lo1 = _mm256_and_si256(b1, mask), hi1 = _mm256_srli_epi32(b1, 4);
+    return HighFirst ? Nibbles{hi0, lo0, hi1, lo1} : Nibbles{lo0, hi0, lo1, hi1};
 }
 
 inline __m256 lut16(__m256i idx, __m256 tlo, __m256 thi) {
@@ -238,6 +272,34 @@ inline __m256 lut16(__m256i idx, __m256 tlo, __m256 thi) {
 }
 
 constexpr int MB = 4;  // rows of x handled together: the weights are decoded once per MB rows
+
+// Per x row, the partial sums of one group: w0..w3 (8 weights each, 32 consecutive columns from
+// x + c) times x. With one x row (decode) there are four independent accumulators: with two, the
+// FMAs formed dependency chains that held the kernels below the memory's rate (int8, measured on
+// this project's 2-core machine: 12.9 -> 13.8-16.2 GB/s with the weights streaming from memory,
+// 2 threads; 1.6x faster with them in cache).
+template <int MM>
+struct Acc {
+    static constexpr int NA = MM == 1 ? 4 : 2;
+    __m256 a[MM][NA];
+    Acc() {
+        for (int m = 0; m < MM; ++m)
+            for (int j = 0; j < NA; ++j) a[m][j] = _mm256_setzero_ps();
+    }
+    inline void fma4(__m256 w0, __m256 w1, __m256 w2, __m256 w3, const float* x, int64_t K) {
+        for (int m = 0; m < MM; ++m) {
+            const float* xv = x + m * K;
+            a[m][0 % NA] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xv), a[m][0 % NA]);
+            a[m][1 % NA] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xv + 8), a[m][1 % NA]);
+            a[m][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xv + 16), a[m][2 % NA]);
+            a[m][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xv + 24), a[m][3 % NA]);
+        }
+    }
+    inline __m256 sum(int m) const {
+        __m256 s = _mm256_add_ps(a[m][0], a[m][1]);
+        return NA == 4 ? _mm256_add_ps(s, _mm256_add_ps(a[m][2 % NA], a[m][3 % NA])) : s;
+    }
+};
 
 // ---------------------------------------------------------------------------------------- int4
 
@@ -254,23 +316,15 @@ void int4_rows(const float* xs, const float* xsum, int64_t M, int64_t K, int64_t
         for (int64_t gi = 0; gi < G; ++gi) {
             const float s = h2f(scales[n * G + gi]);
             const float z = zeros ? h2f(zeros[n * G + gi]) : 8.f;
-            __m256 acc0[MM], acc1[MM];
-            for (int m = 0; m < MM; ++m) { acc0[m] = _mm256_setzero_ps(); acc1[m] = _mm256_setzero_ps(); }
+            Acc<MM> acc;
             for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {
                 Nibbles q = unpack32<false>(row + c / 2);
-                __m256 w0 = _mm256_cvtepi32_ps(q.a), w1 = _mm256_cvtepi32_ps(q.b);
-                __m256 w2 = _mm256_cvtepi32_ps(q.c), w3 = _mm256_cvtepi32_ps(q.d);
-                for (int m = 0; m < MM; ++m) {
-                    const float* xv = xs + m * K + c;
-                    acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xv), acc0[m]);
-                    acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xv + 8), acc1[m]);
-                    acc0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xv + 16), acc0[m]);
-                    acc1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xv + 24), acc1[m]);
-                }
+                acc.fma4(_mm256_cvtepi32_ps(q.a), _mm256_cvtepi32_ps(q.b), _mm256_cvtepi32_ps(q.c),
+                         _mm256_cvtepi32_ps(q.d), xs + c, K);
             }
             const __m256 sv = _mm256_set1_ps(s);
             for (int m = 0; m < MM; ++m) {
-                tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), sv, tot[m]);
+                tot[m] = _mm256_fmadd_ps(acc.sum(m), sv, tot[m]);
                 zc[m] += s * z * xsum[m * G + gi];  // sum_k x_k (q_k - z) s = s (sum x q) - s z (sum x)
             }
         }
@@ -293,22 +347,14 @@ void lut4_rows(const float* xs, int64_t M, int64_t K, int64_t N, int64_t n0, int
         for (int64_t k0 = 0; k0 < K; k0 += bs) {
             const int64_t blk = (n * K + k0) / bs;
             const float am = qabsmax ? code2[qabsmax[blk]] * absmax2[blk / bs2] + offset : absmax[blk];
-            __m256 acc0[MM], acc1[MM];
-            for (int m = 0; m < MM; ++m) { acc0[m] = _mm256_setzero_ps(); acc1[m] = _mm256_setzero_ps(); }
+            Acc<MM> acc;
             for (int64_t c = k0; c < k0 + bs; c += 32) {
                 Nibbles q = unpack32<true>(row + c / 2);
-                __m256 w0 = lut16(q.a, tlo, thi), w1 = lut16(q.b, tlo, thi);
-                __m256 w2 = lut16(q.c, tlo, thi), w3 = lut16(q.d, tlo, thi);
-                for (int m = 0; m < MM; ++m) {
-                    const float* xv = xs + m * K + c;
-                    acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xv), acc0[m]);
-                    acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xv + 8), acc1[m]);
-                    acc0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xv + 16), acc0[m]);
-                    acc1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xv + 24), acc1[m]);
-                }
+                acc.fma4(lut16(q.a, tlo, thi), lut16(q.b, tlo, thi), lut16(q.c, tlo, thi), lut16(q.d, tlo, thi),
+                         xs + c, K);
             }
             const __m256 av = _mm256_set1_ps(am);
-            for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), av, tot[m]);
+            for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(acc.sum(m), av, tot[m]);
         }
         const float b = bias ? bias[n] : 0.f;
         for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(tot[m]) + b;
@@ -316,6 +362,12 @@ void lut4_rows(const float* xs, int64_t M, int64_t K, int64_t N, int64_t n0, int
 }
 
 // ---------------------------------------------------------------------------------------- int8
+
+// One output row at a time: the weight rows stream from memory in order, as the hardware
+// prefetcher likes (blocking 4 rows together was 1.7x slower when the weights came from memory).
+inline __m256 widen8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
 template <int MM>
 void int8_rows(const float* x, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, const int8_t* qw,
@@ -326,29 +378,22 @@ void int8_rows(const float* x, int64_t M, int64_t K, int64_t N, int64_t n0, int6
         __m256 tot[MM];
         for (int m = 0; m < MM; ++m) tot[m] = _mm256_setzero_ps();
         for (int64_t gi = 0; gi < G; ++gi) {
-            __m256 acc0[MM], acc1[MM];
-            for (int m = 0; m < MM; ++m) { acc0[m] = _mm256_setzero_ps(); acc1[m] = _mm256_setzero_ps(); }
+            Acc<MM> acc;
             for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {
-                __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
-                __m128i b0 = _mm256_castsi256_si128(b), b1 = _mm256_extracti128_si256(b, 1);
-                __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b0));
-                __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b0, 8)));
-                __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b1));
-                __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b1, 8)));
-                for (int m = 0; m < MM; ++m) {
-                    const float* xv = x + m * K + c;
-                    acc0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xv), acc0[m]);
-                    acc1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xv + 8), acc1[m]);
-                    acc0[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xv + 16), acc0[m]);
-                    acc1[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xv + 24), acc1[m]);
-                }
+                const int8_t* p = row + c;  // vpmovsxbd straight from memory: one shuffle per 8 weights
+                acc.fma4(widen8(p), widen8(p + 8), widen8(p + 16), widen8(p + 24), x + c, K);
             }
             const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
-            for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0[m], acc1[m]), sv, tot[m]);
+            for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(acc.sum(m), sv, tot[m]);
         }
         const float b = bias ? bias[n] : 0.f;
         for (int m = 0; m < MM; ++m) y[m * N + n] = hsum(tot[m]) + b;
     }
+}
+
+inline int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 // Split the N output rows over the threads in chunks of 16; within a chunk, x rows go MB at a time.
@@ -363,20 +408,38 @@ void over_rows(int64_t M, int64_t N, int nthreads, F body) {
             body(m0, mm, n0, n1);
         }
     };
-    if (pool::g_mode.load(std::memory_order_relaxed) == 0) {
-        // about 8 claims per thread: few enough that claiming costs little, enough that the caller
-        // can take over a late worker's share
-        const int64_t per = nthreads > 1 && nchunks > 8 * nthreads ? nchunks / (8 * nthreads) : 1;
-        const int64_t nclaims = (nchunks + per - 1) / per;
-        auto claim = [&](int64_t c) {
-            const int64_t c1 = (c + 1) * per < nchunks ? (c + 1) * per : nchunks;
-            for (int64_t ci = c * per; ci < c1; ++ci) run(ci);
-        };
+    // about 8 claims per thread: few enough that claiming costs little, enough that the caller
+    // can take over a late worker's share
+    const int64_t per = nthreads > 1 && nchunks > 8 * nthreads ? nchunks / (8 * nthreads) : 1;
+    const int64_t nclaims = (nchunks + per - 1) / per;
+    auto claim = [&](int64_t c) {
+        const int64_t c1 = (c + 1) * per < nchunks ? (c + 1) * per : nchunks;
+        for (int64_t ci = c * per; ci < c1; ++ci) run(ci);
+    };
+    const int mode = pool::g_mode.load(std::memory_order_relaxed);
+    const int64_t t0 = mode == 0 ? now_ns() : 0;
+    if (nthreads <= 1 || nclaims <= 1 || mode == 2 || pool::g_forked.load(std::memory_order_relaxed) ||
+        (mode == 0 && t0 < pool::g_pool_until.load(std::memory_order_relaxed))) {
         pool::parallel(nclaims, nthreads, claim);
         return;
     }
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t ci = 0; ci < nchunks; ++ci) run(ci);
+    // OpenMP, with the same dynamic claiming: a late thread's share is taken by the others, so
+    // the only wait a descheduled thread can cause is the region's closing barrier, measured here.
+    std::atomic<int64_t> next{0};
+    int64_t caller_done = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < nclaims;
+             c = next.fetch_add(1, std::memory_order_relaxed))
+            claim(c);
+#ifdef _OPENMP
+        if (omp_get_thread_num() == 0) caller_done = now_ns();
+#endif
+    }
+    if (mode == 0 && caller_done) {
+        const int64_t t1 = now_ns();
+        pool::note_wait(t1, t1 - caller_done, caller_done - t0);
+    }
 }
 
 #define DISPATCH_MM(mm, FN, ...)             \
@@ -513,10 +576,20 @@ extern "C" void effnb_hqq(const float* W, int64_t ngroups, int64_t g, int levels
 
 extern "C" {
 
-int effnb_abi_version() { return 7; }
+int effnb_abi_version() { return 8; }
 
-// 0: the decode kernels use effnb's pool (default); 1: OpenMP (for comparisons).
-void effnb_set_decode_threading(int mode) { pool::g_mode.store(mode == 1 ? 1 : 0); }
+// 0: auto (OpenMP; effnb's pool for 2 s after a stalled call), 1: always OpenMP, 2: always the pool.
+void effnb_set_decode_threading(int mode) {
+    pool::g_mode.store(mode == 1 || mode == 2 ? mode : 0);
+    pool::g_pool_until.store(0);
+}
+
+// [OpenMP calls that stalled, times auto mode moved to the pool, 1 if it is on the pool now]
+void effnb_decode_threading_stats(int64_t* out) {
+    out[0] = pool::g_stalls.load();
+    out[1] = pool::g_switches.load();
+    out[2] = now_ns() < pool::g_pool_until.load() ? 1 : 0;
+}
 
 void effnb_int4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const uint16_t* scales,
                        const uint16_t* zeros, int64_t g, const float* bias, float* y, int nthreads) {

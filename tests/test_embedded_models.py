@@ -33,3 +33,25 @@ def test_minilm_encoder_quality_needs_no_reference(minilm):
     assert q["value"] > 0.3  # the real encoder finds many functions from their names; random ones do not
     assert rep.rows[1]["quality"]["agreement"]["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert rep.rows[0]["parameters"] == sum(p.numel() for p in minilm.parameters())
+
+
+def test_embedded_weights_are_read_into_memory_with_the_files_values(smollm2, minilm):
+    """Not memory-mapped: a mapped file's resident pages stay counted while any of its tensors lives
+    (after ``del model`` with a shared embedding, all of SmolLM2 stayed resident). Same values as
+    transformers' own (memory-mapping) loader."""
+    import gc
+
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for model, auto in ((smollm2, AutoModelForCausalLM), (minilm, AutoModel)):
+        ref = auto.from_pretrained(model.name_or_path, dtype=torch.float32)
+        ours, theirs = model.state_dict(), ref.state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), model.name_or_path
+        del ref, theirs
+        gc.collect()
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    assert "model.safetensors" not in maps
+    assert smollm2.lm_head.weight is smollm2.model.embed_tokens.weight  # still tied

@@ -38,6 +38,23 @@ def test_tiny_llama_matches_dense(tiny_llama, method, experts, top_k):
     assert len(blocks) == 2 and all(b.top_k == top_k and b.experts == experts for _, b in blocks)
 
 
+@pytest.mark.parametrize("method", ["split", "upcycle"])
+def test_share_unchanged_shares_the_rest_and_never_changes_the_input(tiny_llama, method):
+    before = effnb.state_hash(tiny_llama)
+    ref = _logits(tiny_llama)
+    res = effnb.moe(tiny_llama, experts=4, top_k=4 if method == "split" else 2, method=method,
+                    share_unchanged=True, **FAST)
+    new, old = res.model.model, tiny_llama.model
+    assert new.layers[0].self_attn.q_proj.weight.data_ptr() == old.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert new.embed_tokens.weight.data_ptr() == old.embed_tokens.weight.data_ptr()
+    assert (_logits(res.model) - ref).abs().max().item() < 1e-4
+    effnb.quantize(res.model, method="int4", group_size=32, inplace=True, measure=False)  # replaces the Linears
+    assert effnb.state_hash(tiny_llama) == before
+    with pytest.raises(ValueError, match="share_unchanged applies to a new model; with inplace=True"):
+        effnb.moe(tiny_llama, experts=4, top_k=2, share_unchanged=True, inplace=True, measure=False)
+    assert effnb.state_hash(tiny_llama) == before
+
+
 def test_split_with_weight_router_and_clustering_matches_dense(tiny_llama):
     res = effnb.moe(tiny_llama, experts=4, top_k=4, router="weights", clustering="weights", measure=False)
     assert (_logits(res.model) - _logits(tiny_llama)).abs().max().item() < 1e-4

@@ -242,9 +242,19 @@ def moe(model, experts: int = 8, top_k: int = 2, method: str = "split", *, inpla
             raise ValueError(f"experts={cfg.experts} does not divide the FFN size {bad[0]}: split makes equal experts "
                              f"and drops no neuron; choose experts from {', '.join(map(str, divisors[:16])) or '1'} "
                              "(or use method='upcycle', which has no such constraint)")
+    from ..measure.memory import trim_heap
+
+    total_ffn = sum(s.parameters() for s in specs_in)
+    dense_ffn_flops = sum(s.flops_per_token() for s in specs_in)
+    del specs_in  # with inplace=True they would keep the replaced weights alive
+    if inplace and cfg.share_unchanged:
+        raise ValueError("share_unchanged applies to a new model; with inplace=True there is nothing to share")
+    trim_heap()  # what earlier work left in the heap, before this adds a model
     t0 = time.perf_counter()
-    baseline = copy_model(model) if (inplace and cfg.measure) else model
-    new = model if inplace else copy_model(model)
+    # the dense snapshot for the measurements shares every tensor with the input: nothing here
+    # changes a tensor's values, the FFN modules are replaced
+    baseline = copy_model(model, share_parameters=True) if (inplace and cfg.measure) else model
+    new = model if inplace else copy_model(model, share_parameters=cfg.share_unchanged)
     specs = find_ffns(new)
     inputs = [None] * len(specs)
     if cfg.method == "split" and (cfg.router == "calibration" or cfg.clustering == "activations"):
@@ -264,22 +274,25 @@ def moe(model, experts: int = 8, top_k: int = 2, method: str = "split", *, inpla
         install(new, spec, block)
     if new.training:
         new.eval()
+    gated, hidden, ffn_size = specs[0].gated, specs[0].hidden, specs[0].intermediate
+    del specs, spec  # they hold the replaced FFN weights: free them (a copy's: 318 MB on SmolLM2) before measuring
+    trim_heap()  # and the calibration's activations
+
     build_s = time.perf_counter() - t0
 
-    total_ffn = sum(s.parameters() for s in specs_in)
     all_params = sum(p.numel() for p in new.parameters())
     active = all_params - sum(sum(p.numel() for p in b.parameters()) for b in blocks) + sum(
         b.active_parameters() for b in blocks)
     info = {
         "method": cfg.method, "experts": cfg.experts, "top_k": cfg.top_k, "router": cfg.router,
         "clustering": cfg.clustering if cfg.method == "split" else None,
-        "combine": blocks[0].combine, "ffn_blocks": len(blocks), "ffn_kind": "SwiGLU" if specs[0].gated else "plain",
-        "hidden": specs[0].hidden, "ffn_size": specs[0].intermediate, "expert_size": blocks[0].expert_size,
+        "combine": blocks[0].combine, "ffn_blocks": len(blocks), "ffn_kind": "SwiGLU" if gated else "plain",
+        "hidden": hidden, "ffn_size": ffn_size, "expert_size": blocks[0].expert_size,
         "dense_ffn_parameters": total_ffn,
         "moe_ffn_parameters": sum(sum(p.numel() for p in b.parameters()) for b in blocks),
         "total_parameters": all_params,
         "active_parameters_per_token": active,
-        "dense_ffn_flops_per_token": sum(s.flops_per_token() for s in specs_in),
+        "dense_ffn_flops_per_token": dense_ffn_flops,
         "moe_ffn_flops_per_token": sum(b.flops_per_token() for b in blocks),
         "build_seconds": build_s,
         "grouped_matmul": _backend_name(blocks[0]),

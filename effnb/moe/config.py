@@ -62,6 +62,10 @@ class MoEConfig:
     ffn_tokens: int = field(default=512, metadata={"help": "tokens for timing the FFN blocks dense vs MoE"})
     timing_repeats: int = field(default=5, metadata={"help": "timed repeats of the FFN blocks (median reported)"})
     measure: bool = field(default=True, metadata={"help": "measure the before/after report (off: structure only)"})
+    share_unchanged: bool = field(default=False, metadata={
+        "help": "the new model reuses the input model's tensors that the conversion leaves as they are "
+                "(embeddings, attention, norms) instead of copying them: saves their memory (SmolLM2: "
+                "220 MB); an in-place change to one of those tensors then shows in both models"})
     seed: int = field(default=0, metadata={"help": "seed for clustering and router initialisation"})
 
     def __post_init__(self) -> None:

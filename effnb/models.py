@@ -319,8 +319,9 @@ def _from_pretrained_in_memory(kind: str, directory: Path):
     notebook whose quantized copy shares the fp32 embedding (``share_unquantized=True``), all 538 MB
     of SmolLM2 stayed in the process's resident memory, which is what a 2 GB Binder session counts;
     in-place changes (quantizing, upcycling) likewise left the replaced weights' pages resident.
-    Read into memory (safetensors' ``pread`` backend), a freed weight is freed. Loading takes about
-    as long (0.8 s for SmolLM2), and the values are identical (tested).
+    Read into memory (safetensors' ``pread`` backend), a freed weight is freed. SmolLM2 loads in about
+    0.8 s this way on the 2-core build machine (reading 0.5 s, building the model 0.3 s), with the
+    values of the file (tested against transformers' own loader).
     """
     import torch
     from safetensors import safe_open

@@ -319,9 +319,11 @@ def _from_pretrained_in_memory(kind: str, directory: Path):
     notebook whose quantized copy shares the fp32 embedding (``share_unquantized=True``), all 538 MB
     of SmolLM2 stayed in the process's resident memory, which is what a 2 GB Binder session counts;
     in-place changes (quantizing, upcycling) likewise left the replaced weights' pages resident.
-    Read into memory (safetensors' ``pread`` backend), a freed weight is freed. SmolLM2 loads in about
-    0.8 s this way on the 2-core build machine (reading 0.5 s, building the model 0.3 s), with the
-    values of the file (tested against transformers' own loader).
+    Read into memory (safetensors' ``pread`` backend), a freed weight is freed; the values are the
+    file's (tested against transformers' own loader), and loading takes about a second more than
+    memory-mapping (``benchmarks/load_memory.py``: 6.9 s against 5.7 s, imports included). transformers' own
+    ``disable_mmap=True`` reads the file into one bytes object and copies the tensors out of it: a
+    load-time peak of 1,436 MB for SmolLM2 against 1,036 MB here (``benchmarks/load_memory.py``).
     """
     import torch
     from safetensors import safe_open

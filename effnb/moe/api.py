@@ -232,6 +232,8 @@ def moe(model, experts: int = 8, top_k: int = 2, method: str = "split", *, inpla
 
     check_model(model)
     cfg = _config(experts, top_k, method, options)
+    if inplace and cfg.share_unchanged:
+        raise ValueError("share_unchanged applies to a new model; with inplace=True there is nothing to share")
     audit_opts = {"quality_tokens": cfg.quality_tokens} | dict(audit or {})
     audit_cfg = AuditConfig.from_kwargs(**audit_opts)
     specs_in = find_ffns(model)  # errors (no FFN, sizes) before any work
@@ -247,8 +249,6 @@ def moe(model, experts: int = 8, top_k: int = 2, method: str = "split", *, inpla
     total_ffn = sum(s.parameters() for s in specs_in)
     dense_ffn_flops = sum(s.flops_per_token() for s in specs_in)
     del specs_in  # with inplace=True they would keep the replaced weights alive
-    if inplace and cfg.share_unchanged:
-        raise ValueError("share_unchanged applies to a new model; with inplace=True there is nothing to share")
     trim_heap()  # what earlier work left in the heap, before this adds a model
     t0 = time.perf_counter()
     # the dense snapshot for the measurements shares every tensor with the input: nothing here

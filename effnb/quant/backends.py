@@ -210,7 +210,7 @@ def cpu_dequantize(layer) -> torch.Tensor:
 def dequantize_fast(layer) -> torch.Tensor:
     """``layer.dequantize()``, through the compiled routine where it applies (same values, one fp32
     allocation instead of the reference's several temporaries); QLoRA's backward uses it."""
-    if layer.qweight.device.type == "cpu" and _cpu_dequant_supports(layer, layer.qweight) is None:
+    if _cpu_dequant_supports(layer, layer.qweight) is None:  # the weight's device stands for the input's
         return cpu_dequantize(layer)
     return layer.dequantize()
 

@@ -695,13 +695,6 @@ void effnb_quantize_rtn(const float* w, int64_t N, int64_t K, int64_t g, int mod
 }
 
 // ------------------------------------------------------------------ nf4 / fp4 quantization
-// bitsandbytes' quantize_4bit arithmetic, element for element (the PyTorch reference in
-// formats.py does the same): per block absmax; scaled = clamp(w * (1 / absmax), -1, 1);
-// index = number of midpoints between sorted table values that lie below `scaled` (a
-// branchless binary search over the 15 midpoints), mapped through `order` (sorted position ->
-// table index; identity for nf4). Packs element 2i in the HIGH nibble. Also returns the sum of
-// squared errors (w - table[q] * absmax)^2, so the per-layer SNR needs no dequantization.
-// n even; a last, shorter block gets its own absmax (as bitsandbytes does).
 // Shared by effnb_quantize_4bit and effnb_nf4_search: the code bitsandbytes picks for one weight at
 // a given scale's reciprocal, and a whole block encoded and packed with its squared error.
 static inline uint8_t code4(float w, float inv, const float* bounds, const uint8_t* order) {
@@ -739,6 +732,13 @@ static inline double encode_block4(const float* w, int64_t k0, int64_t k1, float
     return err;
 }
 
+// bitsandbytes' quantize_4bit arithmetic, element for element (the PyTorch reference in
+// formats.py does the same): per block absmax; scaled = clamp(w * (1 / absmax), -1, 1);
+// index = number of midpoints between sorted table values that lie below `scaled` (a
+// branchless binary search over the 15 midpoints), mapped through `order` (sorted position ->
+// table index; identity for nf4). Packs element 2i in the HIGH nibble. Also returns the sum of
+// squared errors (w - table[q] * absmax)^2, so the per-layer SNR needs no dequantization.
+// n even; a last, shorter block gets its own absmax (as bitsandbytes does).
 void effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
                          const float* table, uint8_t* packed, float* absmax, double* sq_err, int nthreads) {
     const int64_t nblocks = (n + bs - 1) / bs;

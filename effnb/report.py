@@ -142,9 +142,9 @@ _METRICS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("weight memory", "weight_bytes", lambda r: _mb(r.get("weight_bytes"))),
     ("peak memory", "peak_memory_bytes", lambda r: _mb(r.get("peak_memory_bytes"))),
     ("prefill latency", "prefill_ms", lambda r: _fmt(r.get("prefill_ms"), ".1f", " ms")
-     + (f" ({r['prompt_tokens']} tokens)" if r.get("prefill_ms") is not None else "")),
+     + (f" ({r['prompt_tokens']} tokens)" if r.get("prefill_ms") is not None and r.get("prompt_tokens") else "")),
     ("decode speed", "decode_tokens_per_s", lambda r: _fmt(r.get("decode_tokens_per_s"), ".1f", " tokens/s")
-     if r.get("kind") != "encoder" else "— (encoder)"),
+     if r.get("kind") not in ("encoder", "module") else f"— ({r.get('kind')})"),
     ("quality", "quality", lambda r: _quality_text(r.get("quality"))),
     ("FLOPs per token", "flops_per_token", lambda r: _fmt(r.get("flops_per_token") and r["flops_per_token"] / 1e9, ".4g", " GFLOP")),
     ("energy", "energy", lambda r: _energy_text(r.get("energy"))),

@@ -1,12 +1,20 @@
-"""Audit one model or compare several: every measurement of ``effnb.measure`` gathered into rows."""
+"""Audit one model or compare several: every measurement of ``effnb.measure`` gathered into rows.
+
+Any model can be measured. With a tokenizer (attached, or found where the model came from), an LM
+gets perplexity and an encoder retrieval recall on effnb's built-in text. Without one, speed is
+measured on fixed token ids and quality as agreement with the first model of the comparison
+(``agreement.py``). A module that is not a transformers model runs on ``example_inputs`` (given,
+attached with ``effnb.attach_example_inputs``, or inferred when its first layer is a Linear).
+With speed, quality and FLOPs all switched off nothing is run at all.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from .. import data as _data
 from .config import AuditConfig
@@ -15,161 +23,220 @@ from .memory import PeakMemory, count_parameters, trim_heap, weight_bytes
 from .quality import _device_of, embedding_agreement, perplexity, retrieval_recall, token_ids
 
 
-def _sync(device) -> None:
-    if str(device).startswith("cuda"):
-        import torch
+@dataclass
+class _Subject:
+    """One model to measure and what it runs on."""
 
-        torch.cuda.synchronize()
-
-
-def _timed(fn, repeats: int, warmup: int, device) -> list[float]:
-    """Seconds of ``repeats`` calls after ``warmup`` untimed ones. ``fn`` may time itself (returns seconds)."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        inner = fn()
-        _sync(device)
-        samples.append(inner if isinstance(inner, float) else time.perf_counter() - t0)
-    return samples
-
-
-def _spread(samples: list[float], scale: float = 1.0) -> dict:
-    vals = [s * scale for s in samples]
-    return {"min": min(vals), "max": max(vals), "samples": vals}
-
-
-def _prompt(tokenizer, n: int, device):
-    ids = token_ids(tokenizer, _data.eval_text())
-    while ids.numel() < n:  # a tiny vocabulary never runs short, but be safe for any tokenizer
-        ids = ids.repeat(2)
-    return ids[:n].unsqueeze(0).to(device)  # [1, n]
+    model: object
+    name: str
+    kind: str  # "causal-lm" | "encoder" | "module"
+    tokenizer: object | None
+    inputs: object | None  # token ids [1, T] or the module's example inputs
+    inputs_note: str
 
 
 def _dominant_dtype(by_dtype: dict[str, int]) -> str:
     return max(by_dtype, key=by_dtype.get) if by_dtype else "unknown"
 
 
-def _speed(model, kind: str, ids, cfg: AuditConfig, device) -> dict:
-    import torch
-
-    out: dict = {}
-    causal = kind == "causal-lm"
-    extra = {"use_cache": True} if causal else {}
-    with torch.inference_mode():
-        prefill = _timed(lambda: model(input_ids=ids, **extra), cfg.repeats, cfg.warmup, device)
-        out["prefill_ms"] = statistics.median(prefill) * 1e3
-        out["prefill_ms_spread"] = _spread(prefill, 1e3)
-        if not causal:
-            out["decode_tokens_per_s"] = None
-            out["decode_note"] = "encoder: no decoding"
-            return out | {"_energy_work": (lambda: model(input_ids=ids), ids.shape[-1])}
-
-        def decode() -> float:
-            res = model(input_ids=ids, use_cache=True)
-            cache, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(cfg.decode_tokens):
-                res = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-                cache, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
-            _sync(device)
-            return time.perf_counter() - t0
-
-        samples = _timed(decode, cfg.repeats, cfg.warmup, device)
-        rates = [cfg.decode_tokens / s for s in samples]
-        out["decode_tokens_per_s"] = statistics.median(rates)
-        out["decode_spread"] = {"min": min(rates), "max": max(rates), "samples": rates}
-        return out | {"_energy_work": (decode, cfg.decode_tokens)}
+def _needs_run(cfg: AuditConfig) -> bool:
+    return cfg.speed or cfg.quality or cfg.flops
 
 
-def _energy(work, device) -> dict:
-    fn, tokens = work
-    meter = EnergyMeter(str(device))
-    if not meter.available:
-        return {"joules_per_token": None, "method": "not measured", "reason": meter.reason}
-    import torch
+def _check_positions(model, cfg: AuditConfig, kind: str) -> None:
+    from .inputs import max_positions
 
-    with torch.inference_mode(), meter:
-        fn()
-    if meter.joules is None:
-        return {"joules_per_token": None, "method": "not measured", "reason": meter.reason}
-    return {"joules_per_token": meter.joules / tokens, "method": meter.method, "reason": None}
+    limit = max_positions(model)
+    if limit is None or kind == "module":
+        return
+    n = cfg.prompt_tokens + (cfg.decode_tokens if kind == "causal-lm" else 0)
+    if cfg.speed or cfg.flops:
+        if n > limit:
+            what = "prompt_tokens + decode_tokens" if kind == "causal-lm" else "prompt_tokens"
+            raise ValueError(f"{what} = {n} exceeds this model's {limit} positions (max_position_embeddings); "
+                             f"use at most {limit} in all")
 
 
-def _measure(model, name: str, cfg: AuditConfig):
-    """One report row for ``model``, and the encoder's document embeddings (None for causal LMs)."""
-    from ..models import check_model, model_kind, tokenizer_for
-    from .flops import flops_per_token
+def _window(model, cfg: AuditConfig) -> int:
+    """The quality window: ``cfg.window``, cut to the model's positions (windows only chunk the text)."""
+    from .inputs import max_positions
 
-    check_model(model)
-    tok = tokenizer_for(model)
+    limit = max_positions(model)
+    return min(cfg.window, limit) if limit else cfg.window
+
+
+def _subject(model, name: str, cfg: AuditConfig, example_inputs=None) -> _Subject:
+    from ..models import find_tokenizer, model_kind
+    from .inputs import fixed_token_ids, token_ids_for
+
     kind = model_kind(model)
+    tok = find_tokenizer(model) if kind != "module" else None
+    if not _needs_run(cfg):
+        return _Subject(model, name, kind, tok, None, "nothing run")
+    _check_positions(model, cfg, kind)
     device = _device_of(model)
-    total, trainable = count_parameters(model)
-    wbytes, by_dtype, by_module = weight_bytes(model)
-    row: dict = {
-        "name": name,
-        "model_class": type(model).__name__,
-        "kind": kind,
-        "device": str(device),
-        "dtype": _dominant_dtype(by_dtype),
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "weight_bytes": wbytes,
-        "weight_bytes_by_dtype": by_dtype,
-        "weight_bytes_by_module": by_module,
-        "peak_memory_bytes": None,
-        "peak_memory": None,
-        "prompt_tokens": cfg.prompt_tokens,
-        "prefill_ms": None,
-        "prefill_ms_spread": None,
-        "decode_tokens": cfg.decode_tokens if kind == "causal-lm" else None,
-        "decode_tokens_per_s": None,
-        "decode_spread": None,
-        "quality": None,
-        "flops_per_token": None,
+    if kind == "module":
+        given = _module_inputs(model, example_inputs)
+        return _Subject(model, name, kind, None, _to_device(given.inputs, device), given.note)
+    if tok is None:
+        ids, note = fixed_token_ids(model, cfg.prompt_tokens), f"{cfg.prompt_tokens} fixed token ids (no tokenizer)"
+    else:
+        ids, note = token_ids_for(model, cfg.prompt_tokens)
+    return _Subject(model, name, kind, tok, ids.unsqueeze(0).to(device), note)
+
+
+def _module_inputs(model, example_inputs):
+    from ..models import example_inputs_for
+
+    if isinstance(example_inputs, _Given):
+        return example_inputs
+    if example_inputs is not None:
+        return _Given(example_inputs, "example inputs given")
+    found, note = example_inputs_for(model)
+    if found is None:
+        raise ValueError(f"effnb cannot tell what this {type(model).__name__} takes as input (it is not a "
+                         "transformers model); pass example_inputs=... (a tensor, a tuple or a dict of tensors), "
+                         "or attach them once with effnb.attach_example_inputs(model, inputs)")
+    return _Given(found, note)
+
+
+@dataclass
+class _Given:
+    """Inputs found once for the baseline and shared by every variant of a comparison."""
+
+    inputs: object
+    note: str
+
+
+def _to_device(inputs, device):
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_device(v, device) for v in inputs)
+    return inputs
+
+
+def _quality(s: _Subject, cfg: AuditConfig, reference: _Subject | None) -> tuple[dict, object]:
+    """(quality dict, encoder document embeddings or None)."""
+    if s.tokenizer is not None and s.kind == "causal-lm":
+        window = _window(s.model, cfg)
+        ppl = perplexity(s.model, cfg.text, max_tokens=cfg.quality_tokens, window=window, tokenizer=s.tokenizer)
+        n = min(cfg.quality_tokens, token_ids(s.tokenizer, _data.resolve_text(cfg.text)).numel())
+        return {"metric": "perplexity", "value": ppl, "higher_is_better": False,
+                "text": "built-in" if cfg.text is None else "user", "tokens": n, "window": window}, None
+    if s.tokenizer is not None:
+        recall, embeddings = retrieval_recall(s.model, tokenizer=s.tokenizer)
+        return {"metric": "recall@1", "value": recall, "higher_is_better": True,
+                "task": f"match {len(_data.doc_pairs())} standard-library function names to their docstring lines"}, \
+            embeddings
+    return _agreement_quality(s, cfg, reference), None
+
+
+def _agreement_quality(s: _Subject, cfg: AuditConfig, reference: _Subject | None) -> dict:
+    from . import agreement as A
+    from .inputs import fixed_token_ids
+
+    why = "no tokenizer" if s.kind != "module" else "not a transformers model"
+    if s.kind == "causal-lm":
+        q = {"metric": "top-1 agreement", "higher_is_better": True}
+        work = lambda ref: A.lm_agreement(ref, s.model, fixed_token_ids(s.model, cfg.quality_tokens),  # noqa: E731
+                                          min(_window(s.model, cfg), cfg.quality_tokens))
+        what = f"next-token agreement with the original on {cfg.quality_tokens:,} fixed token ids"
+        same = {"kl_divergence": 0.0, "top1_agreement": 1.0}
+    elif s.kind == "encoder":
+        q = {"metric": "cosine to original", "higher_is_better": True}
+        seq_len = min(32, _window(s.model, cfg))
+        seqs = fixed_token_ids(s.model, 64 * seq_len).reshape(64, seq_len)
+        work = lambda ref: A.encoder_agreement(ref, s.model, seqs)  # noqa: E731
+        what = f"mean-pooled hidden states of 64 fixed {seq_len}-token sequences"
+        same = {"cosine": 1.0, "top5_agreement": 1.0}
+    else:
+        q = {"metric": "relative output error", "higher_is_better": False}
+        work = lambda ref: A.output_error(ref, s.model, s.inputs)  # noqa: E731
+        what = f"outputs on the {s.inputs_note}"
+        same = {"relative_error": 0.0, "max_abs_diff": 0.0}
+    key = {"top-1 agreement": "top1_agreement", "cosine to original": "cosine",
+           "relative output error": "relative_error"}[q["metric"]]
+    q["method"] = f"{why}: {what}"
+    if reference is None:
+        return q | {"value": None, "reason": f"{why}: quality is measured as agreement with the original model, "
+                                             "which a single audit does not have (compare it with a variant)"}
+    if reference.model is s.model:
+        return q | same | {"value": same[key], "reference": "itself (the baseline)"}
+    found = work(reference.model)
+    return q | found | {"value": found[key], "reference": reference.name}
+
+
+def _base_row(s: _Subject, cfg: AuditConfig, wbytes: int, by_dtype: dict, by_module: dict) -> dict:
+    total, trainable = count_parameters(s.model)
+    causal = s.kind == "causal-lm"
+    return {
+        "name": s.name, "model_class": type(s.model).__name__, "kind": s.kind,
+        "device": str(_device_of(s.model)), "dtype": _dominant_dtype(by_dtype),
+        "parameters": total, "trainable_parameters": trainable,
+        "weight_bytes": wbytes, "weight_bytes_by_dtype": by_dtype, "weight_bytes_by_module": by_module,
+        "peak_memory_bytes": None, "peak_memory": None,
+        "prompt_tokens": cfg.prompt_tokens if s.kind != "module" else None, "inputs": s.inputs_note,
+        "tokenizer": "attached or found" if s.tokenizer is not None else "none",
+        "prefill_ms": None, "prefill_ms_spread": None,
+        "decode_tokens": cfg.decode_tokens if causal else None, "decode_tokens_per_s": None, "decode_spread": None,
+        "quality": None, "flops_per_token": None,
         "energy": {"joules_per_token": None, "method": "not measured", "reason": "energy measurement switched off"},
         "extra": {},
     }
+
+
+def _measure(s: _Subject, cfg: AuditConfig, reference: _Subject | None = None):
+    """One report row for subject ``s`` and the encoder's document embeddings (None otherwise)."""
+    from .flops import flops_per_token
+    from .speed import energy, speed
+
+    wbytes, by_dtype, by_module = weight_bytes(s.model)
+    row = _base_row(s, cfg, wbytes, by_dtype, by_module)
+    if not _needs_run(cfg):
+        row["peak_memory_bytes"] = wbytes
+        row["peak_memory"] = {"transient_bytes": 0, "method": "weight bytes only: nothing was run (measurement off)"}
+        row["quality"] = {"metric": "not measured", "value": None, "reason": "measurement switched off"}
+        return row, None
+    model, device, embeddings = s.model, _device_of(s.model), None
     was_training = model.training
     model.eval()
-    embeddings = None
     try:
-        ids = _prompt(tok, cfg.prompt_tokens, device)
         import torch
 
-        with torch.inference_mode():  # touch every weight once: memory-mapped checkpoints are
-            model(input_ids=ids[:, :8])  # paged in here, not counted as the run's transient memory
+        with torch.inference_mode():  # touch every weight once: memory-mapped checkpoints are paged in
+            _warm(s)                  # here, not counted as the run's transient memory
         peak = PeakMemory(str(device))
         with peak:
             if cfg.speed:
-                speed = _speed(model, kind, ids, cfg, device)
-                work = speed.pop("_energy_work")
-                row.update(speed)
+                sp = speed(model, s.kind, s.inputs, cfg, device)
+                work = sp.pop("_energy_work")
+                row.update(sp)
                 if cfg.energy:
-                    row["energy"] = _energy(work, device)
+                    row["energy"] = energy(work, device)
             if cfg.quality:
-                if kind == "causal-lm":
-                    ppl = perplexity(model, cfg.text, max_tokens=cfg.quality_tokens, window=cfg.window, tokenizer=tok)
-                    row["quality"] = {"metric": "perplexity", "value": ppl, "higher_is_better": False,
-                                      "text": "built-in" if cfg.text is None else "user",
-                                      "tokens": min(cfg.quality_tokens, token_ids(tok, _data.resolve_text(cfg.text)).numel()),
-                                      "window": cfg.window}
-                else:
-                    recall, embeddings = retrieval_recall(model, tokenizer=tok)
-                    row["quality"] = {"metric": "recall@1", "value": recall, "higher_is_better": True,
-                                      "task": f"match {len(_data.doc_pairs())} standard-library function names to their docstring lines"}
+                row["quality"], embeddings = _quality(s, cfg, reference)
         row["peak_memory_bytes"] = wbytes + peak.peak_bytes
         row["peak_memory"] = {"transient_bytes": peak.peak_bytes, "method": f"weight bytes + transient peak ({peak.method})"}
-        if cfg.flops:
-            row["flops_per_token"] = flops_per_token(model, ids)
+        if cfg.flops and s.kind != "module":
+            row["flops_per_token"] = flops_per_token(model, s.inputs)
     finally:
         model.train(was_training)
         trim_heap()  # the measurements' activations: variants measured one after another stay lean
     return row, embeddings
+
+
+def _warm(s: _Subject) -> None:
+    from .agreement import call_model
+
+    if s.kind == "module":
+        call_model(s.model, s.inputs)
+    else:
+        s.model(input_ids=s.inputs[:, :8])
 
 
 def _unique_names(models, names) -> list[str]:
@@ -188,27 +255,37 @@ def _unique_names(models, names) -> list[str]:
     return out
 
 
-def measure_model(model, name: str | None = None, config: AuditConfig | None = None, **options) -> dict:
+def measure_model(model, name: str | None = None, config: AuditConfig | None = None, *, example_inputs=None,
+                  **options) -> dict:
     """One report row for ``model`` (see ``AuditConfig`` for the options)."""
-    cfg = config or AuditConfig.from_kwargs(**options)
-    return _measure(model, _unique_names([model], [name] if name else None)[0], cfg)[0]
-
-
-def audit(model, *, name: str | None = None, config: AuditConfig | None = None, **options):
-    """Report of one model's costs: parameters, weight bytes, peak memory, speed, quality, FLOPs, energy."""
     from ..models import check_model
 
     check_model(model)
-    return compare(model, names=[name] if name else None, config=config, **options)
+    cfg = config or AuditConfig.from_kwargs(**options)
+    label = _unique_names([model], [name] if name else None)[0]
+    return _measure(_subject(model, label, cfg, example_inputs), cfg)[0]
 
 
-def compare(*models, names=None, config: AuditConfig | None = None, title: str | None = None, **options):
+def audit(model, *, name: str | None = None, config: AuditConfig | None = None, example_inputs=None, **options):
+    """Report of one model's costs: parameters, weight bytes, peak memory, speed, quality, FLOPs, energy.
+
+    ``example_inputs``: what a module that is not a transformers model runs on (tensor, tuple or dict).
+    """
+    from ..models import check_model
+
+    check_model(model)
+    return compare(model, names=[name] if name else None, config=config, example_inputs=example_inputs, **options)
+
+
+def compare(*models, names=None, config: AuditConfig | None = None, title: str | None = None, example_inputs=None,
+            **options):
     """One Report over several variants; the first is the baseline that ratios refer to.
 
-    Encoders are also scored on how well their embeddings agree with the baseline's (cosine and
-    the share of 5 nearest neighbours kept).
+    Encoders with a tokenizer are also scored on how well their embeddings agree with the
+    baseline's (cosine and the share of 5 nearest neighbours kept); models without one are scored
+    by agreement with the baseline's outputs.
     """
-    from ..models import model_kind
+    from ..models import check_model, model_kind
     from ..report import Report
     from .env import environment
 
@@ -216,14 +293,20 @@ def compare(*models, names=None, config: AuditConfig | None = None, title: str |
         models = tuple(models[0])
     if not models:
         raise ValueError("compare needs at least one model")
+    for m in models:
+        check_model(m)
     cfg = config or AuditConfig.from_kwargs(**options)
     labels = _unique_names(models, names)
     kinds = {model_kind(m) for m in models}
     if len(kinds) > 1:
         raise ValueError(f"cannot compare models of different kinds in one report: {sorted(kinds)}")
+    if kinds == {"module"} and example_inputs is None and _needs_run(cfg):
+        example_inputs = _module_inputs(models[0], None)  # every variant runs on the baseline's inputs
+    subjects = [_subject(m, label, cfg, example_inputs) for m, label in zip(models, labels)]
     rows, base_emb = [], None
-    for i, (m, label) in enumerate(zip(models, labels)):
-        row, emb = _measure(m, label, cfg)
+    for i, s in enumerate(subjects):
+        reference = subjects[0] if len(subjects) > 1 else None
+        row, emb = _measure(s, cfg, reference)
         if emb is not None:
             if i == 0:
                 base_emb = emb
@@ -239,6 +322,8 @@ def compare(*models, names=None, config: AuditConfig | None = None, title: str |
 @contextlib.contextmanager
 def measure_region(device: str | None = None):
     """Measure the code inside: wall time, peak memory (CPU and CUDA), energy. Yields a dict filled on exit."""
+    from .speed import sync
+
     torch = sys.modules.get("torch")  # a cell that never loaded torch is measured without loading it
     dev = device or ("cuda" if torch is not None and torch.cuda.is_available() else "cpu")
     result: dict = {"device": dev}
@@ -254,7 +339,7 @@ def measure_region(device: str | None = None):
         try:
             yield result
         finally:
-            _sync(dev)
+            sync(dev)
             result["wall_s"] = time.perf_counter() - t0
     result["cpu_peak_bytes"] = cpu_peak.peak_bytes
     result["cpu_peak_method"] = cpu_peak.method

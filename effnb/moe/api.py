@@ -32,11 +32,20 @@ def _config(experts, top_k, method, options) -> MoEConfig:
     return MoEConfig(experts=experts, top_k=top_k, method=method, **options)
 
 
-def _token_windows(model, text, max_tokens: int):
+def text_ids(model, text, max_tokens: int):
+    """The first ``max_tokens`` token ids of ``text``; fixed ids from the vocabulary when the model has no tokenizer."""
+    from ..measure.inputs import fixed_token_ids
     from ..measure.quality import token_ids
-    from ..models import tokenizer_for
+    from ..models import find_tokenizer
 
-    ids = token_ids(tokenizer_for(model), text)[:max_tokens]
+    tok = find_tokenizer(model)
+    if tok is None:
+        return fixed_token_ids(model, max_tokens)
+    return token_ids(tok, text)[:max_tokens]
+
+
+def _token_windows(model, text, max_tokens: int):
+    ids = text_ids(model, text, max_tokens)
     if ids.numel() < 2:
         raise ValueError(f"the calibration text gives {ids.numel()} token(s); at least 2 are needed")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 512
@@ -131,10 +140,10 @@ def _sweep(original, new, specs, cfg: MoEConfig, eval_ids, audit_cfg, measured: 
     from ..data import resolve_text
     from ..measure.flops import flops_per_token
     from ..measure.quality import perplexity
-    from ..models import model_kind, tokenizer_for
+    from ..models import find_tokenizer, model_kind
     from .block import moe_blocks
 
-    causal = model_kind(new) == "causal-lm"
+    causal = model_kind(new) == "causal-lm" and find_tokenizer(new) is not None  # perplexity needs text
     blocks = [b for _, b in moe_blocks(new)]
     dense_ffn_params = sum(s.parameters() for s in specs)
 
@@ -144,7 +153,7 @@ def _sweep(original, new, specs, cfg: MoEConfig, eval_ids, audit_cfg, measured: 
         if measured.get(key) is not None:
             return measured[key]
         return perplexity(model, audit_cfg.text, max_tokens=cfg.quality_tokens, window=audit_cfg.window,
-                          tokenizer=tokenizer_for(new))
+                          tokenizer=find_tokenizer(new))
 
     # FFN time: the dense FFNs of the original and the MoE blocks, on the same real FFN inputs
     ffn_ids = _token_windows(original, resolve_text(audit_cfg.text), cfg.ffn_tokens)[:1]
@@ -341,10 +350,8 @@ def _device(model):
 def _eval_ids(model, audit_cfg):
     """[1, prompt_tokens] ids of the evaluation text: what FLOPs per token are counted on."""
     from ..data import resolve_text
-    from ..measure.quality import token_ids
-    from ..models import tokenizer_for
 
-    ids = token_ids(tokenizer_for(model), resolve_text(audit_cfg.text))[: audit_cfg.prompt_tokens]
+    ids = text_ids(model, resolve_text(audit_cfg.text), audit_cfg.prompt_tokens)
     return ids.unsqueeze(0).to(_device(model))
 
 

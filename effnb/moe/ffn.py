@@ -6,7 +6,12 @@ Recognised shapes (what the error message lists when none is found):
   (Llama, Mistral, Qwen2, Gemma, SmolLM2, ...): ``down(act(gate(x)) * up(x))``;
 - SwiGLU, fused: ``gate_up_proj`` (Linear, gate rows first) and ``down_proj`` (Phi-3 style);
 - plain, BERT-style: a layer with ``intermediate.dense`` + ``intermediate.intermediate_act_fn`` and
-  ``output.dense``: ``output.dense(act(intermediate.dense(x)))``.
+  ``output.dense``: ``output.dense(act(intermediate.dense(x)))``;
+- plain, GPT-2-style: a module with ``c_fc``, ``c_proj`` (transformers' Conv1D, weights stored [in, out])
+  and ``act``: ``c_proj(act(c_fc(x)))`` (GPT-2, GPT-J-like MLPs);
+- plain, OPT-style: a module with ``fc1``, ``fc2`` (Linear) and ``activation_fn`` (OPT's decoder layer,
+  Phi's MLP): ``fc2(act(fc1(x)))``; the MoE block takes ``fc1``'s place, ``activation_fn`` and ``fc2``
+  become identities, so whatever else the layer does (dropout, residual, norms) still runs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from torch import nn
 
 LOOKED_FOR = ("gate_proj/up_proj/down_proj + act_fn (Llama-style SwiGLU)",
               "gate_up_proj/down_proj (Phi-3-style fused SwiGLU)",
-              "intermediate.dense/output.dense (BERT-style)")
+              "intermediate.dense/output.dense (BERT-style)",
+              "c_fc/c_proj + act (GPT-2-style)",
+              "fc1/fc2 + activation_fn (OPT-style)")
 
 
 @dataclass
@@ -71,6 +78,11 @@ def _is_linear(m) -> bool:
     return isinstance(m, nn.Linear)
 
 
+def _is_conv1d(m) -> bool:
+    """transformers' Conv1D (a Linear whose weight is stored [in, out]), without importing transformers."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
 def find_ffns(model: nn.Module) -> list[DenseFFN]:
     """Every recognised dense FFN of ``model`` in module order; ValueError naming what was looked for if none."""
     found: list[DenseFFN] = []
@@ -118,6 +130,30 @@ def _as_ffn(name: str, mod: nn.Module) -> DenseFFN | None:
         return DenseFFN(name, False, u.weight.detach(), d.weight.detach(), inter.intermediate_act_fn, None,
                         _bias(u), None, _bias(d), forward=dense_forward, install=install,
                         input_name=f"{name}.intermediate" if name else "intermediate")
+    return _as_plain_ffn(name, mod)
+
+
+def _as_plain_ffn(name: str, mod: nn.Module) -> DenseFFN | None:
+    """GPT-2-style (c_fc/c_proj Conv1D + act) and OPT-style (fc1/fc2 + activation_fn) FFNs."""
+    get = mod._modules.get
+    if _is_conv1d(get("c_fc")) and _is_conv1d(get("c_proj")) and callable(getattr(mod, "act", None)):
+        fc, proj = get("c_fc"), get("c_proj")
+        # Conv1D weights are [in, out]: transposed views give the [out, in] layout DenseFFN uses
+        return DenseFFN(name, False, fc.weight.detach().t(), proj.weight.detach().t(), mod.act, None,
+                        _bias(fc), None, _bias(proj), forward=lambda x, fc=fc, p=proj, a=mod.act: p(a(fc(x))),
+                        input_name=name)
+    act = getattr(mod, "activation_fn", None)
+    if _is_linear(get("fc1")) and _is_linear(get("fc2")) and callable(act) and isinstance(act, nn.Module):
+        fc1, fc2 = get("fc1"), get("fc2")
+
+        def install(new, mod=mod):
+            mod.fc1 = new
+            mod.activation_fn = nn.Identity()
+            mod.fc2 = nn.Identity()
+
+        return DenseFFN(name, False, fc1.weight.detach(), fc2.weight.detach(), act, None, _bias(fc1), None,
+                        _bias(fc2), forward=lambda x, a=fc1, f=act, b=fc2: b(f(a(x))), install=install,
+                        input_name=f"{name}.fc1" if name else "fc1")
     return None
 
 

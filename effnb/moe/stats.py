@@ -199,12 +199,12 @@ def routing_stats(model, text=None, *, max_tokens: int = 512, window: int = 512,
                   name: str | None = None) -> MoEStats:
     """Route ``text`` through ``model`` and gather ``MoEStats`` for every router found."""
     from ..data import resolve_text
-    from ..measure.quality import token_ids
-    from ..models import model_kind, model_name, tokenizer_for
+    from ..models import find_tokenizer, model_kind, model_name
+    from .api import text_ids
 
     routers = find_routers(model)
-    tok = tokenizer_for(model)
-    ids = token_ids(tok, resolve_text(text))[:max_tokens]
+    tok = find_tokenizer(model)
+    ids = text_ids(model, resolve_text(text), max_tokens)
     if ids.numel() == 0:
         raise ValueError("the text gives no tokens to route")
     recorders, hooks = [], []
@@ -236,6 +236,8 @@ def routing_stats(model, text=None, *, max_tokens: int = 512, window: int = 512,
         all_index.append(index)
     same = len({lg.shape[-1] for lg in all_logits}) == 1 and len({ix.shape[-1] for ix in all_index}) == 1
     aux_all = switch_aux_loss(torch.cat(all_logits), torch.cat(all_index), all_logits[0].shape[-1]).item() if same else None
-    tokens = [tok.decode([t]) for t in ids[:show_tokens].tolist()]
-    note = f"{ids.numel()} tokens of {'the built-in evaluation text' if text is None else 'the given text'}"
+    shown = ids[:show_tokens].tolist()
+    tokens = [tok.decode([t]) for t in shown] if tok is not None else [f"#{t}" for t in shown]
+    source = "the built-in evaluation text" if text is None else "the given text"
+    note = f"{ids.numel()} " + (f"tokens of {source}" if tok is not None else "fixed token ids (no tokenizer)")
     return MoEStats(name or model_name(model), layers, tokens, token_experts, aux_all, note)

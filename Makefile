@@ -6,7 +6,7 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.effnb-setup
 
-.PHONY: setup demo test lint notebooks bench bench-quant bench-finetune bench-moe bench-notebooks bench-gpu test-gpu clean
+.PHONY: setup demo test lint notebooks bench bench-quant bench-finetune bench-moe bench-notebooks bench-gpu test-gpu gpu-check clean
 
 $(STAMP): pyproject.toml Makefile tests/browser/setup.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -68,6 +68,15 @@ bench-gpu: setup
 	$(BIN)/python benchmarks/gpu_kernels.py --json reports/gpu_kernels.json
 	$(BIN)/python benchmarks/gpu_decode.py --json reports/gpu_decode.json
 	$(BIN)/python benchmarks/moe.py --shape mixtral --device cuda --dtype bfloat16 --tokens 1,16,128,512,4096 --json reports/moe_cuda.json
+
+# an offline CUDA machine with its own torch (docs/gpu.md): installs effnb from this tree with --no-deps
+# --no-index (wheels from GPU_WHEELS=dir too), then GPU tests, technique smoke and benchmarks in 8 minutes.
+# No `setup` here. GPU_CHECK_DRY=1 rehearses it on a CPU (with .venv's Python where there is one).
+GPU_CHECK_OUT ?= reports/gpu-check
+gpu-check:
+	$(if $(filter-out 0,$(GPU_CHECK_DRY)),$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)),$(PY)) \
+		benchmarks/gpu_check.py --out "$(GPU_CHECK_OUT)" $(if $(GPU_WHEELS),--wheels "$(GPU_WHEELS)") \
+		$(if $(filter-out 0,$(GPU_CHECK_DRY)),--dry-run)
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

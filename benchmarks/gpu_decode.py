@@ -1,7 +1,7 @@
 """End-to-end decode speed of a Llama-shaped model (random weights): fp16 vs bitsandbytes NF4 vs effnb NF4/int4.
 
     python benchmarks/gpu_decode.py [--config 7b|3b|1b|tiny] [--tokens 128] [--rounds 3] [--eager]
-                                    [--variants fp16,bnb-nf4,effnb-nf4,effnb-int4] [--json out.json]
+                                    [--variants fp16,bnb-nf4,effnb-nf4,effnb-int4] [--json out.json] [--short]
 
 Random weights are fine for speed (the work does not depend on the values). Each variant greedily
 decodes --tokens new tokens after a 16-token prompt at batch 1. Decode time excludes the prompt:
@@ -13,6 +13,8 @@ By default generation uses a static KV cache so transformers compiles the forwar
 (torch.compile, CUDA graphs): without that, Python launch overhead, not memory traffic, sets
 the pace at batch 1 and every variant looks alike. --eager skips compilation; a variant whose
 compilation fails falls back to eager and says so in its row.
+
+``--short`` (for ``make gpu-check``) generates 64 tokens in 2 rounds unless --tokens / --rounds are given.
 
 Without CUDA the script exits with status 2 (``--device cpu --config tiny`` runs the harness on
 the CPU to check it; those numbers say nothing about GPUs).
@@ -38,6 +40,7 @@ CONFIGS = {  # Llama-2 shapes; "tiny" only checks the harness
                  num_key_value_heads=4, vocab_size=1000),
 }
 VARIANTS = ("fp16", "bnb-nf4", "effnb-nf4", "effnb-int4")
+SHORT = {"tokens": 64, "rounds": 2}
 
 
 def build(variant: str, cfg_kwargs: dict, device: str, dtype):
@@ -96,7 +99,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eager", action="store_true", help="no static cache / torch.compile")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--short", action="store_true", help="fewer tokens and rounds (make gpu-check)")
     args = ap.parse_args(argv)
+    for key, value in SHORT.items() if args.short else ():
+        if getattr(args, key) == ap.get_default(key):  # options given explicitly win
+            setattr(args, key, value)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

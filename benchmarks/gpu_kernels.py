@@ -1,7 +1,7 @@
 """GPU weight-only matmul: effnb's Triton kernels vs fp16 cuBLAS, bitsandbytes NF4 and torch int4 (tinygemm).
 
     python benchmarks/gpu_kernels.py [--batches 1,4,16,64,256] [--shapes 4096x4096,...] [--paths auto|all]
-                                     [--reps 30] [--json out.json]
+                                     [--reps 30] [--json out.json] [--short]
 
 Shapes are in_features x out_features (K x N) of the Llama-2-7B / Llama-3-8B linear layers and
 8192x8192. Every variant of a (shape, batch) cell is timed in the same run: each is captured
@@ -10,6 +10,9 @@ copies to overflow L2), replayed after a warm-up, timed with CUDA events; the me
 replays, divided by the calls per graph, is the time of one call. Achieved bandwidth counts the
 bytes a call must move (weights and their scales once, x read once, y written once) and is
 also shown as a share of the device-to-device copy bandwidth measured at the start.
+
+``--short`` times issue 4's acceptance cells only (4096x11008 and 8192x8192 at batch 1, 16 and 256;
+NF4 b64, int4 g64 and g128 beside fp16, bitsandbytes and tinygemm), for ``make gpu-check``.
 
 ``--compile-only`` needs no GPU: it compiles effnb's kernels for sm_90 (Hopper) with the ptxas
 bundled in triton and prints, per format and path, registers, stack (spills), shared memory and
@@ -39,6 +42,8 @@ FORMATS = {  # name -> (fmt, group, options)
     "effnb nf4 b64 dq": ("nf4", 64, {"double_quant": True}),
     "effnb int8 g128": ("int8", 128, {}),
 }
+SHORT = {"shapes": "4096x11008,8192x8192", "batches": "1,16,256",
+         "formats": "effnb nf4 b64,effnb int4 g64,effnb int4 g128"}  # issue 4's acceptance cells
 
 
 def _load_kernels():
@@ -133,7 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-only", action="store_true", help="compile for sm_90 and report resources (no GPU)")
     ap.add_argument("--sweep-gemv", action="store_true",
                     help="time a grid of GEMV launch configurations at M=1 per shape and format; print the best")
+    ap.add_argument("--short", action="store_true", help="issue 4's acceptance cells only (make gpu-check)")
     args = ap.parse_args(argv)
+    for key, value in SHORT.items() if args.short else ():
+        if getattr(args, key) == ap.get_default(key):  # options given explicitly win
+            setattr(args, key, value)
     if args.compile_only:
         names = [f.strip() for f in args.formats.split(",") if f.strip()]
         return compile_report([FORMATS[f] for f in names if f in FORMATS], [int(b) for b in args.batches.split(",")])

@@ -30,7 +30,9 @@ class EnergyMeter:
                 pynvml.nvmlInit()
                 import torch
 
-                handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+                # by UUID: CUDA's device order (CUDA_VISIBLE_DEVICES, PCI order) need not be NVML's
+                uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+                handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
                 pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
             except Exception as exc:  # noqa: BLE001 - NVML raises its own error types
                 self.reason = f"NVML energy counter not readable: {exc}"

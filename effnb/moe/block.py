@@ -224,6 +224,9 @@ def moe_ffn(x: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor |
     order, token, counts = permute(expert_index, E)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
     backend = grouped_backend(x, w_in, needs_grad)
+    if backend == "torch._grouped_mm" and _backend["name"] == "auto" and w_out.shape[1] % 8:
+        # the second product reads activations [rows, Ie]: torch._grouped_mm needs 16-byte rows there too
+        backend = "triton" if not needs_grad and _triton_supported(x, w_out) else "per-expert loop"
     counts_list = counts.tolist() if backend == "per-expert loop" else None
     xs = x.index_select(0, token)  # [T*k, H]
     h = grouped_matmul(xs, w_in, counts, counts_list, backend)  # [T*k, n_in*Ie]

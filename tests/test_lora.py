@@ -385,7 +385,15 @@ def test_qlora_on_bitsandbytes_4bit(llama):
     tuned = effnb.finetune(res.model, **{**FAST, "steps": 2})
     assert all(torch.isfinite(torch.tensor(tuned.details["history"]["train_loss"])))
     merged = effnb.merge(tuned.model)
-    assert merged.details["merge_error"]["max_abs_diff"] >= 0
+    err = merged.details["merge_error"]
+    ids = effnb.tokenizer_for(merged.model)(effnb.data.eval_text(), return_tensors="pt",
+                                            add_special_tokens=False)["input_ids"][:, :err["tokens"]]
+    got, want = _logits(merged.model, ids), _logits(tuned.model, ids)
+    assert err["max_abs_diff"] == pytest.approx((got - want).abs().max().item(), rel=1e-5, abs=1e-7)
+    # each merged layer is its target (dequantized base + B@A*scaling) rounded to NF4 again: a few percent
+    # (2.3-2.6% measured); decoding a layout bitsandbytes had repacked gives ~100% (tests/test_bnb_cpu_paths.py)
+    assert len(err["layers"]) == 4 and all(0 < e["relative_error"] < 0.05 for e in err["layers"]), err["layers"]
+    assert ((got - want).norm() / want.norm()).item() < 0.05
 
 
 # -------------------------------------------------------------------------------------- commands

@@ -171,11 +171,12 @@ def finetune(model, data="python-api", steps: int = 60, *, name: str | None = No
     See ``FinetuneArgs`` for every option.
     """
 
-    from ..models import check_model, copy_model, model_kind, model_name, tokenizer_for
+    from ..models import check_model, copy_model, find_tokenizer, model_kind, model_name
     from . import train as TR
     from .task import build_task
 
-    cfg = FinetuneArgs.from_kwargs(data=data, steps=steps, **options)
+    token_ids = _token_ids_data(data)
+    cfg = FinetuneArgs.from_kwargs(data=TOKEN_IDS if token_ids is not None else data, steps=steps, **options)
     check_model(model)
     if model_kind(model) != "causal-lm":
         raise ValueError(f"finetune trains causal language models; this {type(model).__name__} is an encoder")
@@ -183,9 +184,16 @@ def finetune(model, data="python-api", steps: int = 60, *, name: str | None = No
     if trainable == 0:
         raise ValueError("finetune: the model has nothing trainable (every parameter is frozen); "
                          "attach adapters first with effnb.lora(model), or unfreeze parameters")
-    tok = tokenizer_for(model)
-    task = build_task(tok, cfg.data)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    tok = find_tokenizer(model)
+    if token_ids is not None:
+        task = ids_task(token_ids)
+    elif tok is None:
+        raise ValueError(f"finetune: this {type(model).__name__} has no tokenizer, so effnb cannot turn "
+                         f"data={_short(cfg.data)} into tokens; attach one with effnb.attach_tokenizer(model, tok), "
+                         "or pass data= the token ids to train on (a 1-D LongTensor or a list of ints)")
+    else:
+        task = build_task(tok, cfg.data)
+    pad_id = _pad_id(tok, model)
     meta = dict(getattr(model, _META, None) or {})
     plus_ratio = cfg.plus_ratio if cfg.plus_ratio is not None else meta.get("plus_ratio")
     if plus_ratio is not None and not _is_peft(model):
@@ -223,6 +231,50 @@ def finetune(model, data="python-api", steps: int = 60, *, name: str | None = No
                             plus_ratio)
 
 
+TOKEN_IDS = "<token ids>"  # what FinetuneArgs.data records when the data were token ids
+
+
+def _token_ids_data(data):
+    """``data`` as a list of token ids when it is a 1-D integer tensor or a list of ints; else None."""
+    import torch
+
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 1 or data.dtype.is_floating_point or data.dtype == torch.bool:
+            raise ValueError(f"finetune: token ids must be a 1-D integer tensor, got {data.dim()}-D {data.dtype}")
+        return data.tolist()
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
+        return list(data)
+    return None
+
+
+def ids_task(ids: list[int]):
+    """A language-modelling task over the user's token ids: the last tenth held out."""
+    from .task import Task
+
+    if len(ids) < 4:
+        raise ValueError(f"finetune: {len(ids)} token ids are too few to train on and hold out a tenth (need 4 or more)")
+    cut = max(2, int(len(ids) * 0.9))
+    train, held = ids[:cut], ids[cut:] if len(ids) - cut >= 2 else ids[-2:]
+    return Task("token ids", [(train, [True] * len(train))], [(held, [True] * len(held))], [],
+                f"{len(ids)} token ids given by the user; the last tenth held out")
+
+
+def _pad_id(tok, model) -> int:
+    for source in (tok, getattr(model, "config", None)):
+        for attr in ("pad_token_id", "eos_token_id"):
+            v = getattr(source, attr, None)
+            if isinstance(v, list):
+                v = v[0] if v else None
+            if isinstance(v, int):
+                return v
+    return 0
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _mode(model) -> str:
     from .report import quantized_layers
 
@@ -249,7 +301,8 @@ def _finetune_result(model, work, cfg: FinetuneArgs, task, run, mode, base_name,
     label = mode + (f"+ (ratio {plus_ratio:g})" if plus_ratio is not None else "")
     rep = compare(model, work, names=[f"{base_name} (before)", f"{base_name} ({label}, {done} steps)"],
                   config=_light_audit(False), title=f"{label} fine-tuning of {base_name} on {task.name}")
-    metric = "held-out loss" + (" (python-api answers)" if task.name == "python-api" else " (user text)")
+    source = {"python-api": " (python-api answers)", "token ids": " (user token ids)"}
+    metric = "held-out loss" + source.get(task.name, " (user text)")
     rep.rows[0]["quality"] = {"metric": metric, "value": before_loss, "higher_is_better": False}
     rep.rows[1]["quality"] = {"metric": metric, "value": after_loss, "higher_is_better": False}
     total, trainable = count_parameters(work)
@@ -320,7 +373,7 @@ def merge(model, *, name: str | None = None, **options):
     """
     import torch
 
-    from ..models import check_model, copy_model, model_kind, model_name, tokenizer_for
+    from ..models import check_model, copy_model, model_name
     from .qlora import QuantLoraLinear
     from .report import quantized_layers
 
@@ -332,14 +385,13 @@ def merge(model, *, name: str | None = None, **options):
     adapter = cfg.adapter_name or _active(model)
     if adapter not in model.peft_config:
         raise ValueError(f"merge: no adapter named {adapter!r}; adapters: {', '.join(model.peft_config)}")
-    tok = tokenizer_for(model)
-    ids = _check_ids(tok, cfg.check_tokens)
-    causal = model_kind(model) == "causal-lm"
+    check = _check_inputs(model, cfg.check_tokens)
     work = model if cfg.inplace else copy_model(model)
-    ref = _logits(work, ids, causal)
+    ref = _logits(work, check["inputs"])
     quantized = bool(quantized_layers(work.get_base_model()))
     # per-layer: what the merge should give (dequantized base + delta) vs what the re-quantized layer holds
     targets = {}
+    restored: list[str] = []  # bitsandbytes layers put back from its CPU layout
     for lname, m in work.named_modules():
         if isinstance(m, QuantLoraLinear):
             with torch.no_grad():
@@ -348,13 +400,18 @@ def merge(model, *, name: str | None = None, **options):
         elif quantized and hasattr(m, "lora_A") and adapter in m.lora_A and hasattr(m, "get_delta_weight"):
             base_layer = m.get_base_layer()
             if type(base_layer).__name__ == "Linear4bit":
-                from ..quant.bnb import dequantize_bnb
+                from ..quant.bnb import dequantize_bnb, guard_layout, restore_layout
 
+                # PEFT's merge decodes weight.data with quant_state as canonical bytes; bitsandbytes may
+                # have repacked them for its AVX512-BF16 CPU kernel on the forward above
+                if restore_layout(base_layer):
+                    restored.append(lname.removeprefix("base_model.model."))
+                guard_layout(base_layer)  # the merged layer's state_dict() will not corrupt it either
                 with torch.no_grad():
                     targets[lname.removeprefix("base_model.model.")] = (
                         dequantize_bnb(base_layer) + m.get_delta_weight(adapter).float())
     merged = work.merge_and_unload(adapter_names=[adapter], safe_merge=True)
-    out = _logits(merged, ids, causal)
+    out = _logits(merged, check["inputs"])
     diff = (out - ref).abs()
     layer_errors = []
     for lname, want in targets.items():
@@ -365,7 +422,13 @@ def merge(model, *, name: str | None = None, **options):
     meta = getattr(model, _META, None) or {}
     object.__setattr__(merged, _META, {**meta, "merged": adapter})
     base_name = name or model_name(model)
-    return _merge_result(model, merged, base_name, adapter, quantized, diff, ids, layer_errors)
+    res = _merge_result(model, merged, base_name, adapter, quantized, diff, check, layer_errors)
+    if restored:  # the same dict is in the report row's extra
+        res.details["merge_error"]["bitsandbytes_layout"] = (
+            f"{len(restored)} base layers were in bitsandbytes' AVX512-BF16 CPU layout; put back to the canonical "
+            "layout before merging")
+        log.info("merge: %d bitsandbytes layers put back from the CPU layout: %s", len(restored), restored)
+    return res
 
 
 def _active(model) -> str:
@@ -374,29 +437,42 @@ def _active(model) -> str:
     return active_adapter(model)
 
 
-def _check_ids(tok, n: int):
+def _check_inputs(model, n: int) -> dict:
+    """What the merge is checked on: the built-in text's first ``n`` ids (fixed ids without a tokenizer),
+    or a plain module's example inputs; with the words the report uses for them."""
+    from ..measure.inputs import token_ids_for
+    from ..models import example_inputs_for, model_kind
+
+    kind = model_kind(model)
+    if kind == "module":
+        inputs, note = example_inputs_for(model)
+        if inputs is None:
+            raise ValueError(f"merge cannot check this {type(model).__name__}: effnb cannot tell what it takes as "
+                             "input; attach example inputs with effnb.attach_example_inputs(model, inputs)")
+        return {"inputs": inputs, "compared": "outputs", "what": note, "tokens": None}
+    ids, note = token_ids_for(model, n)
+    return {"inputs": {"input_ids": ids.unsqueeze(0)}, "tokens": int(ids.numel()),
+            "compared": "logits" if kind == "causal-lm" else "hidden states",
+            "what": "first tokens of effnb's built-in evaluation text" if "text" in note else note}
+
+
+def _logits(model, inputs):
     import torch
 
-    from ..data import eval_text
-
-    ids = tok(eval_text(), return_tensors="pt", add_special_tokens=False)["input_ids"][0, :n]
-    return ids.unsqueeze(0).to(torch.long)
-
-
-def _logits(model, ids, causal: bool):
-    import torch
-
+    from ..measure.agreement import call_model, output_tensor
     from .train import device_of
 
+    device = device_of(model)
+    moved = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else \
+        tuple(v.to(device) for v in inputs) if isinstance(inputs, (tuple, list)) else inputs.to(device)
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(input_ids=ids.to(device_of(model)))
+            out = call_model(model, moved)
     finally:
         model.train(was)
-    t = out.logits if causal else out.last_hidden_state
-    return t.float().cpu()
+    return output_tensor(out).float().cpu()
 
 
 def _dequant_any(m):
@@ -409,17 +485,16 @@ def _dequant_any(m):
     return m.weight.detach().float()
 
 
-def _merge_result(model, merged, base_name, adapter, quantized, diff, ids, layer_errors):
+def _merge_result(model, merged, base_name, adapter, quantized, diff, check, layer_errors):
     from ..measure import compare
     from ..report import Result
 
     new_name = f"{base_name} merged"
     rep = compare(model, merged, names=[base_name, new_name], config=_light_audit(False),
                   title=f"adapter {adapter!r} merged into {'the quantized' if quantized else 'the float'} base")
-    what = "logits" if rep.rows[0].get("kind") == "causal-lm" else "hidden states"
-    error = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "compared": what,
-             "tokens": int(ids.shape[1]), "text": "first tokens of effnb's built-in evaluation text",
-             "method": "measured: merged model vs adapted model on the same tokens"}
+    error = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "compared": check["compared"],
+             "tokens": check["tokens"], "text": check["what"],
+             "method": "measured: merged model vs adapted model on the same inputs"}
     if layer_errors:
         error["layers"] = layer_errors
         error["max_abs_weight_error"] = max(e["max_abs_weight_error"] for e in layer_errors)

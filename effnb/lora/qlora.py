@@ -1,7 +1,11 @@
 """QLoRA on effnb's own quantized layers: a PEFT LoRA layer around ``effnb.quant``'s ``QuantLinear``.
 
-bitsandbytes layers need nothing from us (PEFT ships their LoRA layers). For ``QuantLinear`` we
-register ``QuantLoraLinear`` with PEFT's custom-module mechanism (``LoraConfig._register_custom_module``).
+bitsandbytes layers need one thing from us (PEFT ships their LoRA layers): on a CPU with AVX512-BF16,
+bitsandbytes repacks a ``Linear4bit`` on its first eval no-grad forward, and from then on every forward,
+training ones too, runs its bf16 ``gemv_4bit`` kernel, for which bitsandbytes registers no autograd
+formula: ``bnb_layers_for_training`` puts them back in the canonical layout (the differentiable
+``MatMul4Bit`` path) before training steps. For ``QuantLinear`` we register ``QuantLoraLinear`` with
+PEFT's custom-module mechanism (``LoraConfig._register_custom_module``).
 
 The base matmul goes through ``_DequantMatmul``: forward dequantizes the weight, multiplies, and
 drops it; backward dequantizes it again to pass the gradient to the input. Autograd therefore keeps
@@ -139,10 +143,24 @@ def requantize(layer, w: torch.Tensor):
     tensors = methods.rtn(w.float().contiguous(), layer.fmt, layer.group_size if layer.group_size != layer.in_features
                           or layer.fmt not in ("int8", "fp8") else 0,
                           symmetric=symmetric, double_quant=layer.double_quant)
+    tensors.pop("_sq_err", None)  # rtn's squared error (for reports), not a tensor of the layer
     bias = layer.bias.detach() if layer.bias is not None else None
     new = QuantLinear(layer.in_features, layer.out_features, layer.fmt, layer.group_size, tensors, bias,
                       backend=layer.backend, method=layer.method)
     return new
+
+
+def bnb_layers_for_training(model) -> int:
+    """Put bitsandbytes 4-bit layers that its AVX512-BF16 CPU path repacked (on an eval forward) back
+    into the canonical layout, so training forwards take bitsandbytes' differentiable path; returns how
+    many layers changed. Imports nothing when bitsandbytes is not loaded (then there are none)."""
+    import sys
+
+    if "bitsandbytes" not in sys.modules:
+        return 0
+    from ..quant.bnb import restore_layout
+
+    return restore_layout(model)
 
 
 def register(lora_config) -> None:

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from .qlora import bnb_layers_for_training
 from .task import Task, pack
 
 
@@ -278,6 +279,9 @@ def train(model, task: Task, *, steps: int, lr: float, batch_size: int, seq_len:
     interrupted = None
     peak = PeakMemory(str(device))
     model.train()
+    # bitsandbytes' AVX512-BF16 CPU path repacks 4-bit layers on eval forwards (the held-out loss above)
+    # and then computes without gradients: put them back before training forwards
+    bnb_layers_for_training(model)
     bar = tqdm(total=steps, desc=title, unit="step", leave=True)
     t_start = time.perf_counter()
     try:
@@ -308,6 +312,7 @@ def train(model, task: Task, *, steps: int, lr: float, batch_size: int, seq_len:
                     history["eval_step"].append(step)
                     history["eval_loss"].append(held_out_loss(model, task, seq_len, pad_id, max_tokens=eval_tokens))
                     model.train()
+                    bnb_layers_for_training(model)
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{xb.numel() / dt:,.0f}")
                 bar.update(1)
                 plot.update(history)

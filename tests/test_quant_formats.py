@@ -204,7 +204,13 @@ def test_bitsandbytes_layer_reads_effnb_weights_and_back():
                                  quant_type="nf4", bnb_quantized=True, module=m)
     x = torch.randn(3, layer.in_features)
     assert torch.equal(dequantize_bnb(m), layer.dequantize())
-    assert torch.allclose(m(x), layer(x), atol=1e-5)
+    from effnb.quant.bnb import forward_dtype
+
+    m.eval()  # as a user runs it: on AVX512-BF16 CPUs bitsandbytes then computes in bf16, whatever compute_dtype says
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[forward_dtype(m)]
+    with torch.no_grad():
+        ref = layer(x)
+        assert (m(x) - ref).abs().max().item() <= tol * ref.abs().max().item()
     back = from_bnb_module(m)
     assert torch.equal(back.dequantize(), layer.dequantize())
 

@@ -517,6 +517,12 @@ def save_adapter(model, path, adapter_name: str | None = None) -> str:
     if name not in model.peft_config:
         raise ValueError(f"save_adapter: no adapter named {name!r}; adapters: {', '.join(model.peft_config)}")
     out = Path(path).expanduser()
+    import sys
+
+    if "bitsandbytes" in sys.modules:  # PEFT reads state_dict(): bitsandbytes' CPU layout must not leak into it
+        from ..quant.bnb import guard_layout
+
+        guard_layout(model)
     model.save_pretrained(str(out), selected_adapters=[name], safe_serialization=True)
     # PEFT writes non-default adapters under a sub-directory of their name
     return str(out / name) if name != "default" else str(out)

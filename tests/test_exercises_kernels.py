@@ -47,3 +47,18 @@ def test_unpack(capsys):
                         (right + 16, "must lie in 0..15"), (right.flip(0), "some codes differ")]:
         ok, out = _verdict(capsys, "kernels.unpack", wrong, packed=packed)
         assert not ok and text in out, (wrong, out)
+
+
+def test_instructor_solutions_pass_their_own_checks(capsys):
+    packed = torch.tensor([[0x21, 0xF0, 0x93], [0x7A, 0x05, 0x4C]], dtype=torch.uint8)  # notebook 05's
+    ns = {"torch": torch, "bits": 4, "group": 64, "scale_bytes": 4, "bytes_per_weight": 0.5625, "packed": packed}
+    kws = {"kernels.bytes_per_weight": {"bits": 4, "group": 64, "scale_bytes": 4},
+           "kernels.ideal_speedup": {"bytes_per_weight": 0.5625}, "kernels.unpack": {"packed": packed}}
+    exercises.show_solutions(True)
+    try:
+        for key in exercises.list_exercises("kernels"):
+            scope = dict(ns)
+            exec(exercises.solution(key), scope)
+            assert exercises.check(key, scope["answer"], **kws[key]), key
+    finally:
+        exercises.show_solutions(False)

@@ -46,7 +46,8 @@ def test_trainable(capsys, llama):
 
 def test_adapter_bytes(capsys):
     assert _verdict(capsys, "lora.adapter_bytes", 4000, trainable=1000)[0]
-    for wrong, text in [(2000, "fp16"), (1000, "not bytes"), (32000, "bits")]:
+    for wrong, text in [(2000, "fp16"), (1000, "not bytes"), (32000, "bits"),
+                        (5000, "count the bytes of one fp32 number and multiply")]:
         ok, out = _verdict(capsys, "lora.adapter_bytes", wrong, trainable=1000)
         assert not ok and text in out, (wrong, out)
     ok, out = _verdict(capsys, "lora.adapter_bytes", 4100, trainable=1000, file_bytes=4100)
@@ -67,6 +68,22 @@ def test_merge(capsys, llama):
     assert _verdict(capsys, "lora.merge", w + s * (b @ a), layer=layer)[0]
     for wrong, text in [(w + b @ a, "scaling is missing"), (w, "base weight unchanged"),
                         (s * (b @ a), "only the update"), (w[:, :-1], "differs from the weight's"),
+                        (w - s * (b @ a), "the update is subtracted"),
+                        (w + s * (b @ a) + 1, "largest difference 1"),
                         ([1, 2], "should be a tensor")]:
         ok, out = _verdict(capsys, "lora.merge", wrong, layer=layer)
         assert not ok and text in out, (out,)
+    # the instructor's solutions, in notebook 03's names, pass the checks
+    exercises.show_solutions(True)
+    try:
+        ns = {"W": w, "A": a, "B": b, "scaling": s}
+        exec(exercises.solution("lora.merge"), ns)
+        assert exercises.check("lora.merge", ns["answer"], layer=layer)
+        ns = {"model": llama, "RANK": 4}
+        exec(exercises.solution("lora.trainable"), ns)
+        assert exercises.check("lora.trainable", ns["answer"], model=llama, rank=4)
+        ns = {"trainable": 1000}
+        exec(exercises.solution("lora.adapter_bytes"), ns)
+        assert exercises.check("lora.adapter_bytes", ns["answer"], trainable=1000, file_bytes=4100)
+    finally:
+        exercises.show_solutions(False)

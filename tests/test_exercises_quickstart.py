@@ -55,6 +55,8 @@ def test_bf16_smaller(report, capsys):
     assert not ok and "baseline / variant" in out
     ok, out = _verdict(capsys, "quickstart.bf16_smaller", float(PARAMS * 2), report=report)
     assert not ok and "difference in bytes" in out
+    ok, out = _verdict(capsys, "quickstart.bf16_smaller", 4.0, report=report)
+    assert not ok and f"'fp32' holds {PARAMS * 4:,} bytes and 'bf16' {PARAMS * 2:,}" in out
 
 
 def test_bf16_smaller_needs_two_variants(capsys):
@@ -70,6 +72,8 @@ def test_ms_per_token(report, capsys):
     assert not ok and "seconds per token" in out
     ok, out = _verdict(capsys, "quickstart.ms_per_token", 13.0, report=report)
     assert not ok and "reciprocal" in out
+    ok, out = _verdict(capsys, "quickstart.ms_per_token", 50.0, report=report)
+    assert not ok and "is not what a decode speed of 13.00 tokens/s implies" in out
 
 
 def test_report_dict_is_accepted_too(report, capsys):

@@ -25,7 +25,10 @@ def _samples(samples, what: str) -> list[float]:
     prompt="`samples` holds the wall times (s) of repeated runs, the first `warmup` of them warm-up runs. "
            "Compute the figure you would report: the median of the timed runs, warm-up left out.",
     hint="Slice the warm-up runs off the front of the list, then use statistics.median.",
-    solution="answer = statistics.median(samples[warmup:])",
+    solution="answer = statistics.median(samples[WARMUP:])",
+    explanation="The first run pays one-time costs (allocation, caches, lazy initialisation), so it is left out; "
+                "the median of the rest is the typical run, and one disturbed run cannot move it the way it "
+                "moves the mean.",
 )
 def _median(answer, *, samples, warmup):
     vals = _samples(samples, "samples")
@@ -48,7 +51,9 @@ def _median(answer, *, samples, warmup):
                             "for the typical run, the median")
     if close_to(value, expected * 1e3, rel=1e-6):
         raise ExerciseError("right value but in milliseconds: keep the unit of `samples` (seconds)")
-    raise ExerciseError(f"{value:.6g} s is not the median of samples[{warmup}:]")
+    raise ExerciseError(f"{value:.6g} s is not the median of the {len(timed)} timed runs samples[{warmup}:]: sort "
+                        "them and take the middle one (the mean of the two middle ones for an even count), "
+                        "or use statistics.median")
 
 
 @exercise(
@@ -57,6 +62,8 @@ def _median(answer, *, samples, warmup):
            "and the candidate. How many times faster is the candidate? Use medians.",
     hint="Speed-up = baseline time / candidate time (above 1 means the candidate is faster). Medians, not means.",
     solution="answer = statistics.median(base) / statistics.median(cand)",
+    explanation="A speed-up is old time / new time, so above 1 means the candidate is faster. Medians of runs "
+                "interleaved in the same session: both variants saw the same machine state.",
 )
 def _speedup(answer, *, base, cand):
     b, c = _samples(base, "base"), _samples(cand, "cand")
@@ -82,6 +89,9 @@ def _speedup(answer, *, base, cand):
            "[min, max] of the two lists overlap (then do not claim a speed-up), else False.",
     hint="Two ranges [a1, a2] and [b1, b2] overlap when a1 <= b2 and b1 <= a2.",
     solution="answer = min(base) <= max(cand) and min(cand) <= max(base)",
+    explanation="If the [min, max] ranges overlap, some baseline run was as fast as some candidate run: the "
+                "difference may be noise. Claim a speed-up only when the ranges separate (or after more "
+                "repeats on a quieter machine).",
 )
 def _within_noise(answer, *, base, cand):
     b, c = _samples(base, "base"), _samples(cand, "cand")

@@ -35,6 +35,8 @@ def _pct_change(row, base) -> float | None:
            "(positive = worse for perplexity; e.g. 3.5 for +3.5 %)",
     hint="Relative change in percent = (variant - baseline) / baseline * 100, using the rows' quality values.",
     solution="answer = (card[variant]['quality']['value'] / card.rows[0]['quality']['value'] - 1) * 100",
+    explanation="A relative change is (new - old) / old, x 100 for percent. For perplexity, positive means the "
+                "variant is worse; a relative figure compares across models where an absolute one cannot.",
 )
 def _quality_change(answer, *, report, variant):
     rows = _rows(report)
@@ -79,9 +81,12 @@ def _best(rows, budget_mb, max_loss_pct):
     hint="Filter the rows by weight_bytes / 1e6 <= budget_mb and by the perplexity change in percent, "
          "then take the row with the highest decode_tokens_per_s.",
     solution=("base = card.rows[0]['quality']['value']\n"
-              "ok = [r for r in card.rows if r['weight_bytes'] / 1e6 <= budget_mb\n"
-              "      and (r['quality']['value'] / base - 1) * 100 <= max_loss_pct]\n"
+              "ok = [r for r in card.rows if r['weight_bytes'] / 1e6 <= BUDGET_MB\n"
+              "      and (r['quality']['value'] / base - 1) * 100 <= MAX_LOSS_PCT]\n"
               "answer = max(ok, key=lambda r: r['decode_tokens_per_s'])['name'] if ok else None"),
+    explanation="Constraints first, objective second: keep the variants within the memory budget and the "
+                "allowed quality loss, then take the fastest of those. The smallest or the fastest overall "
+                "may break a constraint; with none left, the honest answer is None.",
 )
 def _pick(answer, *, report, budget_mb, max_loss_pct):
     rows = _rows(report)
@@ -117,6 +122,8 @@ def _pick(answer, *, report, budget_mb, max_loss_pct):
     hint="A Report has a method that returns its JSON-ready dict; a JSON string or the Report object itself "
          "is not a dict.",
     solution="answer = card.to_dict()",
+    explanation="Report.to_dict() gives the versioned, JSON-ready form (schema effnb.report, version 1) that "
+                "to_json() serialises and Report.from_dict() reads back, so cards can be compared across groups.",
 )
 def _card(answer, *, report):
     from ..report import validate

@@ -15,6 +15,8 @@ def _bytes_per_weight(bits: int, group: int, scale_bytes: float) -> float:
            "batch-1 matmul read from memory per weight (codes plus scales)?",
     hint="4 bits is half a byte; each weight also carries its share of the group's scale: scale_bytes / group.",
     solution="answer = bits / 8 + scale_bytes / group",
+    explanation="A 4-bit code is half a byte, and every weight carries its share of its group's scale "
+                "(scale_bytes / group): 0.5 + 4/64 = 0.5625 bytes. At batch 1 the kernel must read all of it.",
 )
 def _bytes(answer, *, bits=4, group=64, scale_bytes=4):
     value = as_number(answer, "the bytes per weight")
@@ -38,6 +40,9 @@ def _bytes(answer, *, bits=4, group=64, scale_bytes=4):
            "weight)? Ignore the activations, which are tiny next to the weights.",
     hint="Same bandwidth, fewer bytes: speed-up = fp16 bytes per weight / 4-bit bytes per weight.",
     solution="answer = 2 / bytes_per_weight",
+    explanation="At batch 1 the time is bytes moved / memory bandwidth; the bandwidth is the same, so the ideal "
+                "speed-up is the ratio of bytes per weight: 2 / 0.5625 = 3.56x for fp16 against 4-bit with "
+                "fp32 scales per 64 weights. Real kernels get less (unpacking, partial tiles).",
 )
 def _speedup(answer, *, bytes_per_weight):
     value = as_number(answer, "the speed-up")
@@ -58,6 +63,8 @@ def _speedup(answer, *, bytes_per_weight):
            "nibble. Unpack `packed` (uint8 [N, K/2]) into the codes (uint8 [N, K]) in column order.",
     hint="low = packed & 0x0F, high = packed >> 4; then interleave: out[:, 0::2] = low, out[:, 1::2] = high.",
     solution="answer = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)",
+    explanation="& 0x0F keeps the low nibble (even columns) and >> 4 the high one (odd columns); stacking them on "
+                "a last axis and flattening it interleaves the two, column 2j then 2j+1.",
 )
 def _unpack(answer, *, packed):
     import torch

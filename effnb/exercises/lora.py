@@ -22,8 +22,11 @@ def _lora_counts(model, rank: int, suffixes=("q_proj", "v_proj")) -> dict[str, i
            "trainable parameters does it add? Each adapted layer W [out, in] gets A [rank, in] and B [out, rank].",
     hint="Per layer: rank * in + out * rank. Sum over the q_proj and v_proj of every block; "
          "note that v_proj's out is smaller than q_proj's in models with grouped-query attention.",
-    solution="answer = sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules() "
+    solution="answer = sum(RANK * (m.in_features + m.out_features) for n, m in model.named_modules() "
              "if n.endswith(('q_proj', 'v_proj')))",
+    explanation="Each adapted layer W [out, in] trains A [rank, in] and B [out, rank]: rank x (in + out) numbers, "
+                "summed over every q_proj and v_proj. With grouped-query attention v_proj has a smaller out "
+                "than q_proj, so use each layer's own sizes; the frozen W is not counted.",
 )
 def _trainable(answer, *, model, rank):
     layers = _lora_counts(model, rank)
@@ -54,6 +57,9 @@ def _trainable(answer, *, model, rank):
            "given `trainable` parameters? (The file adds a small JSON header.)",
     hint="fp32 = 4 bytes per number.",
     solution="answer = trainable * 4",
+    explanation="Every trainable number is saved as fp32, 4 bytes; the file on disk adds a small JSON header, "
+                "which is why it is slightly larger. The adapter is tiny next to the base model, which is "
+                "what makes sharing LoRA adapters cheap.",
 )
 def _adapter_bytes(answer, *, trainable, file_bytes=None):
     value = as_number(answer, "the adapter size in bytes")
@@ -69,7 +75,8 @@ def _adapter_bytes(answer, *, trainable, file_bytes=None):
     if file_bytes is not None and abs(value - file_bytes) <= 0.02 * file_bytes:
         raise ExerciseError("that is the file size measured on disk (tensor data + a JSON header): "
                             "compute the tensor data from the parameter count instead")
-    raise ExerciseError(f"{value:,.0f} bytes is not right for {int(trainable):,} fp32 numbers")
+    raise ExerciseError(f"{value:,.0f} bytes is not right for {int(trainable):,} fp32 numbers: count the bytes "
+                        "of one fp32 number and multiply")
 
 
 @exercise(
@@ -79,6 +86,8 @@ def _adapter_bytes(answer, *, trainable, file_bytes=None):
            "and scaling = layer.scaling['default'] (= alpha / rank). Compute the merged weight [out, in].",
     hint="The adapter adds scaling * (B @ A) to W; B is [out, rank] and A is [rank, in].",
     solution="answer = W + scaling * (B @ A)",
+    explanation="The adapted layer computes x W^T + scaling x (x A^T B^T), which is x (W + scaling B A)^T: "
+                "folding scaling x B @ A into W gives the same outputs with no extra matmul at inference.",
 )
 def _merge(answer, *, layer):
     import torch
@@ -104,4 +113,8 @@ def _merge(answer, *, layer):
                             "B is still zero)")
     if torch.allclose(ans, s * (b @ a), atol=tol, rtol=0):
         raise ExerciseError("that is only the update: the merged weight is the base weight PLUS the update")
-    raise ExerciseError("not the merged weight: expected W + scaling * (B @ A)")
+    if torch.allclose(ans, w - s * (b @ a), atol=tol, rtol=0):
+        raise ExerciseError("the update is subtracted: the merged weight is W PLUS scaling * (B @ A)")
+    worst = float((ans - expected).abs().max())
+    raise ExerciseError(f"not the merged weight (largest difference {worst:.3g}): expected W + scaling * (B @ A), "
+                        "with B [out, rank] on the left")

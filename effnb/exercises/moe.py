@@ -26,7 +26,9 @@ def _ints(values, what: str) -> list[int]:
     prompt="A dense FFN is split into `experts` equal experts and every token is routed to `top_k` of them. "
            "What fraction of the FFN's weights does one token use (leave the small router out)?",
     hint="Each expert holds 1/experts of the neurons; a token visits top_k experts.",
-    solution="answer = top_k / experts",
+    solution="answer = TOP_K / EXPERTS",
+    explanation="Each expert holds 1/experts of the FFN's neurons and a token visits top_k of them, so it uses "
+                "top_k / experts of the FFN weights: the compute per token falls while the memory does not.",
 )
 def _active_share(answer, *, experts, top_k):
     value = as_number(answer, "the share")
@@ -39,7 +41,8 @@ def _active_share(answer, *, experts, top_k):
         raise ExerciseError("upside down: the share is the part used (top_k experts) over the whole (experts)")
     if close_to(value, 1 / experts, rel=1e-6):
         raise ExerciseError("that is one expert's share; each token visits top_k experts")
-    raise ExerciseError(f"{value:.4g} is not the fraction of the FFN weights one token uses")
+    raise ExerciseError(f"{value:.4g} is not the fraction of the FFN weights one token uses: each of the "
+                        f"{experts} experts holds an equal part, and a token visits {top_k} of them")
 
 
 @exercise(
@@ -48,7 +51,9 @@ def _active_share(answer, *, experts, top_k):
            "Count the assignments each of the `experts` experts got, as a list of length `experts`.",
     hint="Flatten expert_index and count each expert id, including experts that got nothing: "
          "torch.bincount(..., minlength=experts).",
-    solution="answer = torch.bincount(expert_index.flatten(), minlength=experts).tolist()",
+    solution="answer = torch.bincount(expert_index.flatten(), minlength=EXPERTS).tolist()",
+    explanation="Every token contributes top_k assignments; flattening the [tokens, top_k] index and counting "
+                "each expert id (minlength keeps idle experts at 0) gives the load per expert.",
 )
 def _tokens_per_expert(answer, *, expert_index, experts):
     rows = expert_index.tolist() if hasattr(expert_index, "tolist") else [list(r) for r in expert_index]
@@ -70,7 +75,11 @@ def _tokens_per_expert(answer, *, expert_index, experts):
     if len(got) == experts and sum(got) != sum(counts):
         raise ExerciseError(f"the counts add up to {sum(got)}, but {len(rows)} tokens x top_k={len(rows[0])} "
                             f"make {sum(counts)} assignments")
-    raise ExerciseError("those are not the assignments per expert; count every expert id in expert_index")
+    if len(got) != experts:
+        raise ExerciseError(f"{len(got)} counts for {experts} experts: give one count per expert, in expert order")
+    wrong = next(e for e in range(experts) if got[e] != counts[e])
+    raise ExerciseError(f"expert {wrong} got {counts[wrong]} assignment(s) in expert_index, your list says "
+                        f"{got[wrong]}; count every occurrence of each expert id")
 
 
 @exercise(
@@ -79,6 +88,9 @@ def _tokens_per_expert(answer, *, expert_index, experts):
            "expert's load over the mean load (1.0 = perfectly balanced).",
     hint="max(counts) / (sum(counts) / len(counts)).",
     solution="answer = max(counts) / (sum(counts) / len(counts))",
+    explanation="The busiest expert sets the pace of the layer (the others wait for it); over the mean load this "
+                "is 1.0 for a perfect balance and experts / top_k at worst, when every token sends one of its "
+                "top_k choices to the same expert.",
 )
 def _imbalance(answer, *, counts):
     c = _ints(counts, "counts")
@@ -93,4 +105,9 @@ def _imbalance(answer, *, counts):
         raise ExerciseError("upside down: busiest load over mean load is at least 1")
     if close_to(value, max(c) / sum(c), rel=1e-6):
         raise ExerciseError("that is the busiest expert's share of all assignments; divide by the mean load instead")
-    raise ExerciseError(f"{value:.4g} is not max(counts) / mean(counts) = ?")
+    busy = [x for x in c if x > 0]
+    if len(busy) < len(c) and close_to(value, max(c) / (sum(c) / len(busy)), rel=1e-6):
+        raise ExerciseError(f"that mean leaves out the idle experts: average over all {len(c)} experts, "
+                            "including those with 0 assignments")
+    raise ExerciseError(f"{value:.4g} is not the busiest load over the mean load: the busiest expert has "
+                        f"{max(c)} assignments; the mean is sum(counts) / {len(c)} experts")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from . import ExerciseError, exercise
+from . import ExerciseError, as_number, exercise
 
 
 def int4_layer_bytes(out_features: int, in_features: int, group_size: int) -> int:
@@ -20,22 +20,35 @@ def int4_layer_bytes(out_features: int, in_features: int, group_size: int) -> in
            "weights (bias not counted)?",
     hint="Two 4-bit codes share a byte. Every group of group_size weights along a row also stores a scale and a "
          "zero, each in fp16 (2 bytes).",
-    solution="answer = out_features * in_features // 2 + out_features * (in_features // group_size) * 2 * 2",
+    solution="answer = out_features * in_features // 2 + out_features * (in_features // GROUP_SIZE) * 2 * 2",
+    explanation="Two 4-bit codes fit in a byte: out x in / 2 bytes of codes. Each row has in / group_size groups, "
+                "and each group stores an fp16 scale and an fp16 zero (2 + 2 bytes). At group 64 that is "
+                "0.5625 bytes per weight, about 3.6x smaller than fp16.",
 )
 def _int4_bytes(answer, *, out_features: int, in_features: int, group_size: int):
     expected = int4_layer_bytes(out_features, in_features, group_size)
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        raise ExerciseError(f"give the number of bytes as a number, got {type(answer).__name__}")
+    answer = as_number(answer, "the number of bytes")
+    if answer.is_integer():
+        answer = int(answer)
     if answer == expected:
         return
     codes = out_features * in_features // 2
+    groups = out_features * (in_features // group_size)
     if answer == codes:
         raise ExerciseError(f"{answer:,} counts the packed codes only; each group of {group_size} weights also "
                             "stores an fp16 scale and an fp16 zero (4 bytes per group)")
     if answer == out_features * in_features:
         raise ExerciseError(f"{answer:,} is one byte per weight; a 4-bit code is half a byte")
-    if answer == codes + out_features * (in_features // group_size) * 2:
+    if answer == codes + groups * 2:
         raise ExerciseError(f"{answer:,} counts the scales but not the zeros: asymmetric int4 stores both")
+    if answer == codes + (in_features // group_size) * 4:
+        raise ExerciseError(f"{answer:,} counts the groups of one row only: every one of the {out_features} rows "
+                            f"has its own {in_features // group_size} groups")
+    if answer == codes + groups * 2 * 4:
+        raise ExerciseError(f"{answer:,} stores the scale and zero as fp32 (4 bytes each); effnb keeps them in "
+                            "fp16, 2 bytes each")
+    if answer == 8 * expected:
+        raise ExerciseError(f"{answer:,} counts bits; divide by 8 for bytes")
     raise ExerciseError(f"{answer:,} is not it (expected about {expected / 1e3:,.0f} kB); count half a byte per "
                         "weight plus 4 bytes per group")
 
@@ -53,6 +66,8 @@ def snr_db(reference, approx) -> float:
     hint="Use w.pow(2).sum() for the signal and (w - w_q).pow(2).sum() for the noise; powers, not amplitudes, so "
          "the factor is 10, not 20.",
     solution="answer = 10 * math.log10(w.pow(2).sum().item() / (w - w_q).pow(2).sum().item())",
+    explanation="Signal power over noise power (the quantization error), in decibels: 10 x log10 because both "
+                "are sums of squares (powers). Each extra bit of a uniform quantizer buys about 6 dB.",
 )
 def _snr(answer, *, w, w_q):
     expected = snr_db(w, w_q)
@@ -76,12 +91,17 @@ def _snr(answer, *, w, w_q):
     "quant.best_method",
     prompt="From a dict {method: perplexity} of 4-bit variants of one model, which method keeps the model best?",
     hint="Perplexity is how surprised the model is by the text: lower is better.",
-    solution="answer = min(results, key=results.get)",
+    solution="answer = min(ppl, key=ppl.get)",
+    explanation="Perplexity measures how surprised the model is by held-out text: lower is better, so the "
+                "best 4-bit method is the one with the smallest perplexity (at the same bits per weight).",
 )
 def _best_method(answer, *, results: dict):
     best = min(results, key=results.get)
     if answer == best:
         return
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        raise ExerciseError(f"{answer!r} is a number; answer the method's name (a key of the dict, e.g. "
+                            f"{next(iter(results))!r})")
     if answer not in results:
         raise ExerciseError(f"{answer!r} is not one of the methods compared: {', '.join(results)}")
     if answer == max(results, key=results.get):

@@ -17,6 +17,9 @@ from . import ExerciseError, as_number, close_to, exercise, report_row
            "(1 MB = 1e6 bytes). Check it against the report.",
     hint="Every fp32 parameter takes 32 bits. How many bytes is that? Then divide by 1e6 for MB.",
     solution="answer = baseline.rows[0]['parameters'] * 4 / 1e6",
+    explanation="fp32 stores every parameter in 32 bits = 4 bytes, so the weights take parameters x 4 bytes; "
+                "divide by 1e6 for MB. It matches weight_bytes because the report counts each tensor once "
+                "(SmolLM2's embedding is tied to its output head).",
 )
 def _weight_mb(answer, *, report):
     row = report_row(report, 0)
@@ -50,6 +53,9 @@ def _weight_mb(answer, *, report):
            "Compute it from the two rows' weight_bytes.",
     hint="'Times smaller' is the baseline's bytes divided by the variant's bytes (a number above 1).",
     solution="answer = cmp.rows[0]['weight_bytes'] / cmp.rows[1]['weight_bytes']",
+    explanation="'Times smaller' is baseline bytes / variant bytes. bfloat16 takes 2 bytes a weight instead of 4, "
+                "so expect about 2; read it off the rows rather than assume it, since a model may keep some "
+                "tensors in another dtype.",
 )
 def _bf16_smaller(answer, *, report):
     base, var = report_row(report, 0), report_row(report, 1)
@@ -62,8 +68,9 @@ def _bf16_smaller(answer, *, report):
                             "'times smaller' is baseline / variant, a number above 1")
     if close_to(value, base["weight_bytes"] - var["weight_bytes"], rel=0.01) or value > 1e3:
         raise ExerciseError(f"{value:,.0f} looks like a difference in bytes; the question asks for a ratio")
-    raise ExerciseError(f"{value:.3f} is not the ratio of weight_bytes in the report "
-                        f"({base['name']!r} over {var['name']!r}); use the rows' weight_bytes, not a rule of thumb")
+    raise ExerciseError(f"{value:.3f} is not the ratio of the rows' weight_bytes: {base['name']!r} holds "
+                        f"{base['weight_bytes']:,} bytes and {var['name']!r} {var['weight_bytes']:,}; divide the "
+                        "first by the second (use the report, not a rule of thumb)")
 
 
 @exercise(
@@ -72,6 +79,8 @@ def _bf16_smaller(answer, *, report):
            "token take on this machine?",
     hint="Tokens per second and seconds per token are reciprocals; then convert seconds to milliseconds.",
     solution="answer = 1000 / baseline.rows[0]['decode_tokens_per_s']",
+    explanation="A speed in tokens per second is a rate; its reciprocal is seconds per token, and x 1000 gives "
+                "milliseconds. Per-token latency is what a user of a chat model feels.",
 )
 def _ms_per_token(answer, *, report):
     row = report_row(report, 0)
@@ -89,4 +98,5 @@ def _ms_per_token(answer, *, report):
                             "time per token, the reciprocal")
     if not math.isfinite(value) or value <= 0:
         raise ExerciseError(f"{value!r} cannot be a time per token: it must be a positive number of ms")
-    raise ExerciseError(f"{value:.3f} ms is not what a decode speed of {tps:.2f} tokens/s implies")
+    raise ExerciseError(f"{value:.3f} ms is not what a decode speed of {tps:.2f} tokens/s implies: one token takes "
+                        "1 / (tokens per second) seconds; convert that to ms")

@@ -4,15 +4,24 @@ A command is a thin parser over one API call: its options are derived from a con
 (field name -> ``--kebab-case``, type from the annotation, default from the field, ``help`` and
 ``choices`` from the field's metadata), so ``%efficient quantize --help`` and the API cannot drift.
 No torch import here: the registry is read when ``%load_ext effnb`` runs.
+
+Both front ends share the rules for failures: the options are checked (config ``__post_init__``)
+and the output paths probed before any model is loaded; a model whose weights are on the meta
+device is refused; any exception from the work becomes one line (``CommandError``; ``EFFNB_DEBUG=1``
+shows the traceback instead); a report is written whole or not at all (``write_json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import importlib
 import inspect
+import itertools
+import os
+import tempfile
 import types
 import typing
 from collections.abc import Callable
@@ -37,6 +46,9 @@ class Command:
     models: int | str = 1  # 1, 0, or "+" for one or more
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     examples: list[str] = field(default_factory=list)
+    # whether the call returns a Result with a new model (what the CLI's -o saves); None: unknown until it ran.
+    # Default: False for commands over several models or none (compare, explore)
+    makes_model: bool | None = None
 
     def function(self) -> Callable:
         module, attr = self.api.split(":")
@@ -49,11 +61,17 @@ _loaded = False
 
 def register_command(name: str, *, summary: str, api: str, config: type | None = None, models: int | str = 1,
                      extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-                     examples: list[str] | None = None) -> Command:
-    """Add a subcommand to ``%efficient`` and ``effnb``. See the module docstring for how options are derived."""
+                     examples: list[str] | None = None, makes_model: bool | None = None) -> Command:
+    """Add a subcommand to ``%efficient`` and ``effnb``. See the module docstring for how options are derived.
+
+    ``makes_model``: whether the call returns a ``Result`` holding a new model (so ``effnb CMD -o DIR`` can
+    refuse a command that makes none before the work); default: False unless the command takes one model.
+    """
     if models not in (0, 1, "+"):
         raise ValueError(f"models must be 0, 1 or '+', got {models!r}")
-    cmd = Command(name, summary, api, config, models, extra_args, list(examples or []))
+    if makes_model is None and models != 1:
+        makes_model = False
+    cmd = Command(name, summary, api, config, models, extra_args, list(examples or []), makes_model)
     _REGISTRY[name] = cmd
     return cmd
 
@@ -190,13 +208,17 @@ def api_kwargs(ns: argparse.Namespace) -> dict:
 def run(cmd: Command, ns: argparse.Namespace, resolve_model: Callable[[str], Any]) -> Any:
     """Resolve the models named in ``ns`` and make the one API call the command stands for.
 
-    ValueError and TypeError from the API become CommandError: the front ends show them as one line.
+    Every exception a user can meet (bad values, missing files, out of memory, a model whose weights
+    were never loaded, a damaged file) becomes a one-line CommandError; ``EFFNB_DEBUG=1`` re-raises it.
     """
     tokens = [ns.model] if cmd.models == 1 else list(ns.models) if cmd.models == "+" else []
-    try:
+    if any(not t.strip() for t in tokens):
+        raise CommandError("a model name is empty: give a notebook variable, an embedded name or a path")
+    with one_line_errors():
+        check_options(cmd, ns)  # a bad option is refused before any model is loaded
         models = [resolve_model(t) for t in tokens]
-    except (ValueError, TypeError) as exc:
-        raise CommandError(str(exc)) from exc
+        for token, model in zip(tokens, models):
+            check_loaded(model, token)
     fn = cmd.function()
     kwargs = api_kwargs(ns)
     params = inspect.signature(fn).parameters
@@ -205,10 +227,138 @@ def run(cmd: Command, ns: argparse.Namespace, resolve_model: Callable[[str], Any
         kwargs["names"] = list(ns.models)
     elif cmd.models == 1 and "name" in params and "name" not in kwargs:
         kwargs["name"] = ns.model
-    try:
+    with one_line_errors():
         return fn(*models, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise CommandError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
+
+
+def check_options(cmd: Command, ns: argparse.Namespace) -> None:
+    """Build the command's config from the options given, so that its checks run before any work."""
+    if cmd.config is None or not dataclasses.is_dataclass(cmd.config):
+        return
+    names = {f.name for f in dataclasses.fields(cmd.config)}
+    cmd.config(**{k: v for k, v in api_kwargs(ns).items() if k in names})
+
+
+# --------------------------------------------------------------------------- errors and outputs
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Turn any Exception raised inside into a one-line CommandError (KeyboardInterrupt passes through)."""
+    try:
+        yield
+    except CommandError:
+        raise
+    except Exception as exc:
+        if os.environ.get("EFFNB_DEBUG") == "1":
+            raise  # the full traceback, for reporting a bug
+        raise CommandError(user_message(exc)) from exc
+
+
+_EXPECTED = (ValueError, TypeError, OSError, MemoryError)
+
+
+def user_message(exc: BaseException) -> str:
+    """One line for ``exc``: its message for the errors users meet, its class too for anything else."""
+    text = " ".join(str(exc).split()) if str(exc).strip() else ""
+    if isinstance(exc, MemoryError):
+        return f"out of memory{': ' + text if text else ''}; free memory (del unused models) or use smaller sizes"
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: {os.fspath(exc.filename)!r}"
+    if len(text) > 500:
+        text = text[:497] + "..."
+    if isinstance(exc, _EXPECTED) and text:
+        return text
+    return f"{type(exc).__name__}: {text or 'no message'} (EFFNB_DEBUG=1 shows the traceback)"
+
+
+def check_loaded(model, label: str) -> None:
+    """ValueError when ``model``'s weights are on the meta device (a skeleton whose weights were never loaded)."""
+    named = getattr(model, "named_parameters", None)
+    if not callable(named):
+        return
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    meta = [name for name, t in tensors if getattr(t, "is_meta", False)]
+    if meta:
+        raise ValueError(f"the model's weights are on the meta device (not loaded): {label!r} has {len(meta)} "
+                         f"tensors without data, e.g. {meta[0]!r}; load its weights first (e.g. "
+                         "model.to_empty(device='cpu') then load_state_dict, or effnb.load_model)")
+
+
+def _probe_file(path: str) -> None:
+    """Open ``path`` for writing without changing it (an existing file keeps its bytes, a new one is removed)."""
+    if os.path.lexists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
+        try:
+            os.write(fd, b"")  # /dev/full refuses even this
+        finally:
+            os.close(fd)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.close(fd)
+    os.unlink(path)
+
+
+def check_output_file(path: str, option: str = "--json") -> str:
+    """Check before any work that ``path`` can be written; returns it with ``~`` expanded."""
+    full = os.path.expanduser(path)
+    if not full.strip():
+        raise CommandError(f"{option} needs a file path, got {path!r}")
+    if os.path.isdir(full):
+        raise CommandError(f"{option} {path}: is a directory; give a file path such as {os.path.join(path, 'report.json')}")
+    parent = os.path.dirname(os.path.abspath(full))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise CommandError(f"{option} {path}: the folder {parent} {what}")
+    try:
+        _probe_file(full)
+    except OSError as exc:
+        raise CommandError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    return full
+
+
+def check_output_dir(path: str, option: str = "-o") -> str:
+    """Check before any work that the directory ``path`` can be created or written into."""
+    full = os.path.expanduser(path)
+    if not full.strip():
+        raise CommandError(f"{option} needs a directory path, got {path!r}")
+    existing = os.path.abspath(full)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == os.path.abspath(full) else f" ({existing})"
+        raise CommandError(f"{option} {path}: not a directory{where}; give a directory path for the checkpoint")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".effnb-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CommandError(f"{option} {path}: cannot write into {existing} ({exc.strerror or exc})") from None
+    return full
+
+
+def write_json(report, path: str, option: str = "--json") -> None:
+    """Write ``report.to_json()`` to ``path``: a regular file is replaced whole (never left half-written)."""
+    if not hasattr(report, "to_json"):
+        raise CommandError(f"{option}: this command gives no report to write")
+    text = report.to_json() + "\n"
+    try:
+        if os.path.exists(path) and not os.path.isfile(path):  # a device or pipe: written as it is
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+        fd, tmp = tempfile.mkstemp(prefix=".effnb-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CommandError(f"{option} {path}: could not write the report ({exc.strerror or exc})") from None
 
 
 def help_text(name: str | None, prog: str) -> str:

@@ -6,7 +6,8 @@ Python releases, so compare perplexities measured on the same Python). The evalu
 calibration module lists are disjoint, so a calibrated method never sees the text it is judged on.
 
 Wherever effnb takes text, it also takes the user's: a string, a path to a text file, or a list of
-strings (see ``resolve_text``).
+strings (see ``resolve_text``). A one-line string that looks like a path but names no file is an
+error (FileNotFoundError), never the text to score or train on (``check_text``).
 """
 
 from __future__ import annotations
@@ -126,22 +127,75 @@ def function_summaries(summarise) -> tuple[tuple[str, str], ...]:
     return tuple((k, v) for k, v in pairs.items() if counts[v] == 1)
 
 
-def resolve_text(text=None, *, default=eval_text) -> str:
-    """Text from a string, a file path, a list of strings, or ``None`` (the default corpus)."""
-    if text is None:
-        return default()
-    if isinstance(text, Path) or (isinstance(text, str) and len(text) < 4096 and "\n" not in text
-                                  and os.path.isfile(os.path.expanduser(text))):
-        return Path(os.path.expanduser(str(text))).read_text(encoding="utf-8")
+_PATH_PREFIXES = ("/", "~", "./", "../")
+_TEXT_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv")
+
+
+def looks_like_path(text: str) -> bool:
+    """True for a one-line string that reads as a file name: it starts with / ~ ./ ../ or ends with
+    .txt .md .json .jsonl .csv. Such a string is never taken as the text itself."""
+    one_line = len(text) < 4096 and "\n" not in text
+    stripped = text.strip()
+    return one_line and (stripped.startswith(_PATH_PREFIXES) or stripped.lower().endswith(_TEXT_SUFFIXES))
+
+
+def _file_kind(path: Path) -> str | None:
+    try:
+        return "dir" if path.is_dir() else "file" if path.is_file() else "other" if path.exists() else None
+    except OSError:  # a name too long to be a file, for one
+        return None
+
+
+def check_text(text, name: str = "text") -> Path | None:
+    """Check a text argument without reading it; returns the file to read, or None for literal text.
+
+    A string (or ``os.PathLike``) that names an existing file is that file; one that looks like a path
+    (``looks_like_path``) but names nothing raises FileNotFoundError, a directory ValueError. To train
+    on or score a string that merely looks like a path, pass it in a list: ``[text]``.
+    """
+    if isinstance(text, os.PathLike) or (isinstance(text, str) and text.strip() and len(text) < 4096
+                                         and "\n" not in text):
+        path = Path(os.path.expanduser(os.fspath(text)))
+        kind = _file_kind(path)
+        if kind == "dir":
+            raise ValueError(f"{name} {os.fspath(text)!r} is a directory; give a text file, a text or a list of texts")
+        if kind == "file":
+            return path
+        if kind == "other":
+            raise ValueError(f"{name} {os.fspath(text)!r} is not a regular file (a device, pipe or socket); "
+                             "give a text file, a text or a list of texts")
+        if not isinstance(text, str) or looks_like_path(text):
+            raise FileNotFoundError(f"{name} file not found: {os.fspath(text)!r} (to use the string itself as "
+                                    f"text, pass it in a list: [{name}])")
+        return None
     if isinstance(text, str):
         if not text.strip():
-            raise ValueError("text is empty: give a non-empty string, a file path or a list of strings")
-        return text
+            raise ValueError(f"{name} is empty: give a non-empty string, a file path or a list of strings")
+        return None
     if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
         if not any(t.strip() for t in text):
-            raise ValueError("the list of texts is empty: give at least one non-empty string")
-        return "\n\n".join(text)
-    raise TypeError(f"text must be a string, a file path or a list of strings, got {type(text).__name__}")
+            raise ValueError(f"the list of texts given as {name} is empty: give at least one non-empty string")
+        return None
+    raise TypeError(f"{name} must be a string, a file path or a list of strings, got {type(text).__name__}")
+
+
+def resolve_text(text=None, *, default=eval_text, name: str = "text") -> str:
+    """Text from a string, a file path, a list of strings, or ``None`` (the default corpus).
+
+    See ``check_text`` for when a string is a file: a missing file is an error, never the text.
+    """
+    if text is None:
+        return default()
+    path = check_text(text, name)
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name} file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if not text.strip():
+            raise ValueError(f"{name} file {str(path)!r} is empty")
+        return text
+    return text if isinstance(text, str) else "\n\n".join(text)  # check_text refused empty ones
 
 
 def describe() -> dict:

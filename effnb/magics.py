@@ -36,19 +36,16 @@ class EfficientMagics(Magics):
             import torch
 
             if not isinstance(obj, torch.nn.Module):
-                raise UsageError(f"{token!r} is a {type(obj).__name__}, not a model (a torch.nn.Module)")
+                raise _commands.CommandError(f"{token!r} is a {type(obj).__name__}, not a model (a torch.nn.Module)")
             return obj
         from .models import EMBEDDED_MODELS, load_model, unknown_model_message
 
         if token in EMBEDDED_MODELS or "/" in token or token.endswith(".gguf"):
-            try:
-                return load_model(token)
-            except (ValueError, TypeError) as exc:
-                raise UsageError(str(exc)) from None
+            return load_model(token)  # its errors become one line in _commands.run
         if token.isidentifier():
-            raise UsageError(f"name {token!r} is not defined in the notebook, and it is not an embedded model "
-                             f"({', '.join(EMBEDDED_MODELS)})")
-        raise UsageError(unknown_model_message(token))
+            raise _commands.CommandError(f"name {token!r} is not defined in the notebook, and it is not an "
+                                         f"embedded model ({', '.join(EMBEDDED_MODELS)})")
+        raise _commands.CommandError(unknown_model_message(token))
 
     @line_magic
     def efficient(self, line: str):
@@ -68,19 +65,22 @@ class EfficientMagics(Magics):
             ns = _commands.parse(cmd, argv[1:], f"{PROG} {cmd.name}")
             if ns is None:  # --help was printed
                 return None
+            if ns.output is not None and not ns.output.isidentifier():  # checked before the work, not after
+                raise _commands.CommandError(f"-o needs a Python variable name, got {ns.output!r}")
+            json_path = _commands.check_output_file(ns.json) if ns.json is not None else None
             result = _commands.run(cmd, ns, self._resolve_model)
         except _commands.CommandError as exc:
             raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise UsageError(f"{argv[0]} interrupted: nothing was stored") from None
         self.shell.user_ns["_efficient"] = result
         if ns.output:
-            if not ns.output.isidentifier():
-                raise UsageError(f"-o needs a Python variable name, got {ns.output!r}")
             self.shell.user_ns[ns.output] = _store_value(result)
-        if ns.json:
-            report = getattr(result, "report", result)
-            if not hasattr(report, "to_json"):
-                raise UsageError(f"--json: the {cmd.name} command gives no report to write")
-            report.to_json(ns.json)
+        if json_path:
+            try:
+                _commands.write_json(getattr(result, "report", result), json_path)
+            except _commands.CommandError as exc:
+                raise UsageError(f"{exc} (the result is stored in {ns.output or '_efficient'})") from None
         if not ns.quiet:
             display(result)
         return None

@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import importlib.util
+import itertools
 import logging
 import os
 import shutil
@@ -90,6 +91,10 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
         raise ValueError(f"load_model got an empty name {name!r}; embedded names: {', '.join(EMBEDDED_MODELS)}, "
                          "or a folder, a .gguf file or a Hugging Face id")
     torch_dtype = _parse_dtype(dtype) if dtype is not None else None
+    if device is not None:  # before any loading: 'tpu' is one line listing the devices, not a torch error
+        from .options import check_device
+
+        check_device(device)
     if name in EMBEDDED_MODELS:
         model = _EMBEDDED_LOADERS[name]()
     else:
@@ -225,7 +230,7 @@ def _auto_tokenizer(source: str, **kw):
 
 def attach_tokenizer(model, tokenizer):
     """Attach ``tokenizer`` to ``model`` so every effnb call can find it; returns the model."""
-    check_model(model)
+    check_model(model, loaded=False)
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be a callable tokenizer (e.g. a transformers tokenizer), got {type(tokenizer).__name__}")
     object.__setattr__(model, _TOKENIZER_ATTR, tokenizer)
@@ -319,12 +324,19 @@ def example_inputs_for(model) -> tuple[Any, str]:
     return None, "cannot infer the inputs"
 
 
-def check_model(model) -> None:
-    """Raise TypeError unless ``model`` is a torch ``nn.Module``."""
+def check_model(model, *, loaded: bool = True) -> None:
+    """Raise TypeError unless ``model`` is a torch ``nn.Module``; with ``loaded``, ValueError when any of
+    its tensors is on the meta device (a skeleton without weights: nothing can run on it)."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module model, got {type(model).__name__}")
+    if not loaded:
+        return
+    meta = next((n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model's weights are on the meta device (not loaded), e.g. {meta!r}; load them first "
+                         "(effnb.load_model, or model.to_empty(device='cpu') then load_state_dict)")
 
 
 def state_hash(model) -> str:

@@ -15,10 +15,10 @@ or a list of module names / suffixes / fnmatch patterns, e.g. ``["q_proj", "*.ml
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass, field, fields
 
-from ..options import did_you_mean, reject_unknown
+from ..data import check_text
+from ..options import MAX_TOKENS, check_bool, check_int, check_number, did_you_mean, reject_unknown
 
 PRESETS = ("attn", "attn-all", "mlp", "all")
 TASKS = ("python-api",)
@@ -28,17 +28,16 @@ def _did_you_mean(value, allowed) -> str:
     return did_you_mean(value, allowed, cutoff=0.5)
 
 
-def _positive_int(name: str, value, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        need = "a non-negative integer" if allow_zero else "a positive integer"
-        raise ValueError(f"{name} must be {need}, got {value!r}")
+MAX_RANK = 4096  # above any practical adapter; the layer dimensions are checked when the adapters are made
+MAX_COUNT = 10_000_000  # steps, evaluations, generations: a bound that catches a typo, not a real limit
 
 
-def _positive_float(name: str, value, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        need = "a non-negative number" if allow_zero else "a positive number"
-        raise ValueError(f"{name} must be {need}, got {value!r}")
+def _positive_int(name: str, value, allow_zero: bool = False, maximum: int = MAX_COUNT) -> int:
+    return check_int(name, value, 0 if allow_zero else 1, maximum)
+
+
+def _positive_float(name: str, value, allow_zero: bool = False) -> float:
+    return check_number(name, value, 0.0, allow_minimum=allow_zero)
 
 
 def _from_kwargs(cls, what: str, kwargs: dict):
@@ -73,10 +72,11 @@ class LoraArgs:
         "help": "attach the adapters to the given model instead of a copy", "cli": False})
 
     def __post_init__(self) -> None:
+        for name in ("dora", "measure", "share_base", "inplace"):
+            check_bool(name, getattr(self, name))
         if self.share_base and self.inplace:
             raise ValueError("share_base applies to the adapted copy; with inplace=True there is no copy")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer (typically 4 to 64), got {self.rank!r}")
+        self.rank = check_int("rank", self.rank, 1, MAX_RANK, hint=" (typically 4 to 64)")
         _positive_float("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -101,7 +101,7 @@ class LoraArgs:
                              f"got {self.adapter_name!r}")
         if self.init not in ("default", "gaussian"):
             raise ValueError(f"init must be 'default' or 'gaussian', got {self.init!r}")
-        _positive_int("seed", self.seed, allow_zero=True)
+        self.seed = _positive_int("seed", self.seed, allow_zero=True, maximum=2**63 - 1)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> LoraArgs:
@@ -148,12 +148,15 @@ class FinetuneArgs:
     inplace: bool = field(default=False, metadata={"help": "train the given model instead of a copy", "cli": False})
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len"):
-            _positive_int(name, getattr(self, name))
-        for name in ("eval_every", "warmup_steps", "generations", "seed"):
-            _positive_int(name, getattr(self, name), allow_zero=True)
-        _positive_int("max_new_tokens", self.max_new_tokens)
-        _positive_int("eval_tokens", self.eval_tokens)
+        for name in ("gradient_checkpointing", "live", "inplace"):
+            check_bool(name, getattr(self, name))
+        for name in ("steps", "batch_size"):
+            setattr(self, name, _positive_int(name, getattr(self, name)))
+        for name in ("seq_len", "max_new_tokens", "eval_tokens"):
+            setattr(self, name, _positive_int(name, getattr(self, name), maximum=MAX_TOKENS))
+        for name in ("eval_every", "warmup_steps", "generations"):
+            setattr(self, name, _positive_int(name, getattr(self, name), allow_zero=True))
+        self.seed = _positive_int("seed", self.seed, allow_zero=True, maximum=2**63 - 1)
         if self.seq_len < 8:
             raise ValueError(f"seq_len must be at least 8 tokens, got {self.seq_len}")
         _positive_float("lr", self.lr)
@@ -166,6 +169,8 @@ class FinetuneArgs:
         if isinstance(self.data, str):
             if not self.data.strip():
                 raise ValueError(f"data is empty: give {', '.join(TASKS)}, a text, a file path or a list of texts")
+            if self.data not in TASKS:
+                check_text(self.data, "data")  # a path-like string must name an existing file
         elif isinstance(self.data, (list, tuple)):
             if not all(isinstance(t, str) for t in self.data):
                 raise ValueError("data as a list must hold strings (texts to train on)")
@@ -195,7 +200,8 @@ class MergeArgs:
     inplace: bool = field(default=False, metadata={"help": "merge into the given model instead of a copy", "cli": False})
 
     def __post_init__(self) -> None:
-        _positive_int("check_tokens", self.check_tokens)
+        check_bool("inplace", self.inplace)
+        self.check_tokens = _positive_int("check_tokens", self.check_tokens, maximum=MAX_TOKENS)
         if self.adapter_name is not None and not isinstance(self.adapter_name, str):
             raise ValueError(f"adapter_name must be a string, got {self.adapter_name!r}")
 

@@ -110,11 +110,10 @@ def build_task(tok, data) -> Task:
     else:
         if isinstance(data, (list, tuple)) and not any(isinstance(t, str) and t.strip() for t in data):
             raise ValueError("the training data yields no tokens: the list of texts is empty")
-        try:
-            text = _data.resolve_text(data)
-        except ValueError as exc:
-            raise ValueError(f"the training data yields no tokens: {exc}") from None
-        task = text_task(tok, text)
+        if isinstance(data, str) and not data.strip():
+            raise ValueError("the training data yields no tokens: data is an empty string")
+        # a missing file is FileNotFoundError, a directory or non-UTF-8 file ValueError, never the path as text
+        task = text_task(tok, _data.resolve_text(data, name="data"))
     if not task.train or not any(any(m) for _, m in task.train):
         raise ValueError(f"the training data ({task.name}) yields no tokens to train on")
     return task

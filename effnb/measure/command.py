@@ -18,6 +18,7 @@ register_command(
     summary="measure a model: parameters, weight and peak memory, prefill latency, decode speed, quality, FLOPs, energy",
     api="effnb.measure.core:audit",
     config=AuditConfig,
+    makes_model=False,
     examples=["%efficient audit smollm2-135m", "%efficient audit model --decode-tokens 64 -o baseline_report"],
 )
 
@@ -28,5 +29,6 @@ register_command(
     config=AuditConfig,
     models="+",
     extra_args=_names_arg,
+    makes_model=False,
     examples=["%efficient compare model qmodel", "%efficient compare model qmodel --names fp32,nf4 --json cmp.json"],
 )

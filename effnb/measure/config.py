@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from ..data import check_text
+from ..options import MAX_TOKENS, check_bool, check_int
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        need = "a non-negative integer" if allow_zero else "a positive integer"
-        raise ValueError(f"{name} must be {need}, got {value!r}")
+#: bounds of the counts that are not token counts (token counts: ``effnb.options.MAX_TOKENS``)
+MAX_REPEATS = 10_000
+MAX_WARMUP = 1_000
 
 
 @dataclass
@@ -28,14 +29,16 @@ class AuditConfig:
     text: str | None = field(default=None, metadata={"help": "evaluation text, a file path, or None for the built-in text"})
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "decode_tokens", "repeats", "quality_tokens", "window"):
-            _positive(name, getattr(self, name))
-        _positive("warmup", self.warmup, allow_zero=True)
+        for name in ("prompt_tokens", "decode_tokens", "quality_tokens", "window"):
+            setattr(self, name, check_int(name, getattr(self, name), 1, MAX_TOKENS))
+        self.repeats = check_int("repeats", self.repeats, 1, MAX_REPEATS)
+        self.warmup = check_int("warmup", self.warmup, 0, MAX_WARMUP)
         for name in ("speed", "quality", "flops", "energy"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if self.window < 2:
             raise ValueError(f"window must be at least 2 tokens, got {self.window}")
+        if self.text is not None:
+            check_text(self.text, "text")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> AuditConfig:

@@ -327,8 +327,9 @@ def measure_region(device: str | None = None):
     torch = sys.modules.get("torch")  # a cell that never loaded torch is measured without loading it
     dev = device or ("cuda" if torch is not None and torch.cuda.is_available() else "cpu")
     result: dict = {"device": dev}
-    cpu_peak = PeakMemory("cpu")
-    gpu_peak = PeakMemory("cuda") if dev.startswith("cuda") else None
+    # a measured cell may itself run audits (or wait on a thread that does): it never blocks them
+    cpu_peak = PeakMemory("cpu", exclusive=False)
+    gpu_peak = PeakMemory("cuda", exclusive=False) if dev.startswith("cuda") else None
     meter = EnergyMeter(dev)
     with contextlib.ExitStack() as stack:
         stack.enter_context(cpu_peak)

@@ -9,10 +9,13 @@ so variants held side by side in one process are measured fairly.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections import defaultdict
+
+log = logging.getLogger(__name__)
 
 
 def _logical_numel(param) -> int:
@@ -120,42 +123,135 @@ def _hwm_bytes() -> int:
     raise OSError("no VmHWM")
 
 
+#: longest wait for another thread's measurement before measuring anyway (the figure is then marked shared)
+MAX_WAIT_S = 120.0
+
+
+class _MeasureLock:
+    """Measured regions of different threads do not overlap; regions nested in one thread do.
+
+    Peak memory is a process-wide figure (peak RSS, the CUDA allocator's peak), so two regions measured
+    at once in two threads would each report the other's memory. A region entered while another
+    thread measures waits for it (and says so in the log). A wait longer than ``MAX_WAIT_S`` (a
+    training in another thread, or a thread that waits for this one) goes ahead instead of hanging,
+    and every region open at that moment is marked shared. Regions nested in one thread (an audit
+    inside ``%%efficient``) go ahead at once; the outer one keeps the peaks the inner one reset.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._owner: int | None = None
+        self._depth = 0
+        self.active: list[PeakMemory] = []  # open regions of every thread (guarded by _cond)
+
+    def enter(self, region: PeakMemory) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if region.exclusive and self._owner not in (None, me):
+                t0 = time.perf_counter()
+                log.warning("effnb: another thread is measuring peak memory; this measurement waits for it "
+                            "(at most %.0f s) so that neither reports the other's memory", MAX_WAIT_S)
+                self._cond.wait_for(lambda: self._owner in (None, me), timeout=MAX_WAIT_S)
+                region.waited_s = time.perf_counter() - t0
+            if region.exclusive and self._owner in (None, me):
+                self._owner = me
+                self._depth += 1
+                region._owns = True
+            others = [r for r in self.active if r._thread != me]
+            for r in [*others, region] if others else []:
+                r.shared = True  # regions of two threads overlap: each figure includes the other's memory
+            self.active.append(region)
+
+    def leave(self, region: PeakMemory) -> None:
+        with self._cond:
+            self.active.remove(region)
+            if region._owns:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+                    self._cond.notify_all()
+
+    def carry(self, resetting: PeakMemory, peak: int) -> None:
+        """``resetting`` resets the peak counter: every other open region keeps the peak it held."""
+        cuda = resetting.device.startswith("cuda")
+        with self._cond:
+            for r in self.active:
+                if r is not resetting and r.device.startswith("cuda") == cuda:
+                    r._carried = max(r._carried, peak)
+
+
+_LOCK = _MeasureLock()
+
+
 class PeakMemory:
     """Context manager: transient peak memory of the code inside, in bytes (``.peak_bytes``).
 
     CUDA: ``max_memory_allocated`` minus the allocation on entry. CPU: the rise of the process's
     peak resident set (VmHWM, reset on entry through /proc/self/clear_refs); where that reset is
     not allowed, a sampling thread (1 ms) stands in and ``method`` says so.
+
+    Both are process-wide figures, so measured regions of different threads do not overlap: a
+    region entered while another thread measures waits for it (``waited_s``, and a log line; see
+    ``_MeasureLock``). When they overlap anyway (a wait over ``MAX_WAIT_S``, or a region with
+    ``exclusive=False`` such as a measured notebook cell), ``shared`` is True and ``method`` says
+    the figure includes the other measurement's memory. Memory another thread allocates outside any
+    measured region counts too: the figure is the process's.
     """
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", *, exclusive: bool = True):
         self.device = device
+        self.exclusive = exclusive
         self.peak_bytes = 0
         self.method = ""
+        self.waited_s = 0.0
+        self.shared = False
+        self._owns = False
+        self._thread = threading.get_ident()
+        self._carried = 0  # the highest peak seen before another region reset the counter
+
+    def _reset(self) -> None:
+        """Reset the process's peak counter, keeping what it held for the regions already open."""
+        cuda = self.device.startswith("cuda")
+        _LOCK.carry(self, _cuda_peak() if cuda else _hwm_bytes())
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
 
     def __enter__(self) -> PeakMemory:
+        self._thread = threading.get_ident()
+        _LOCK.enter(self)
+        try:
+            self._start()
+        except BaseException:
+            _LOCK.leave(self)
+            raise
+        return self
+
+    def _start(self) -> None:
         if self.device.startswith("cuda"):
             import torch
 
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            self._reset()
             self._base = torch.cuda.memory_allocated()
             self.method = "torch.cuda.max_memory_allocated"
-            return self
+            return
         self._base = _rss_bytes()
+        self._sampler = None
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
             _hwm_bytes()
+            self._reset()
             self.method = "process peak RSS (VmHWM after clear_refs)"
-            self._sampler = None
         except OSError:
             self.method = "process RSS sampled every 1 ms"
             self._stop = threading.Event()
             self._max = self._base
             self._sampler = threading.Thread(target=self._sample, daemon=True)
             self._sampler.start()
-        return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -163,15 +259,28 @@ class PeakMemory:
             time.sleep(0.001)
 
     def __exit__(self, *exc) -> None:
+        try:
+            self._finish()
+        finally:
+            _LOCK.leave(self)
+        if self.shared:
+            self.method += "; shared: another measurement ran at the same time, its memory is included"
+
+    def _finish(self) -> None:
         if self.device.startswith("cuda"):
             import torch
 
             torch.cuda.synchronize()
-            self.peak_bytes = max(0, torch.cuda.max_memory_allocated() - self._base)
-            return
-        if self._sampler is None:
-            self.peak_bytes = max(0, _hwm_bytes() - self._base)
+            self.peak_bytes = max(0, max(self._carried, _cuda_peak()) - self._base)
+        elif self._sampler is None:
+            self.peak_bytes = max(0, max(self._carried, _hwm_bytes()) - self._base)
         else:
             self._stop.set()
             self._sampler.join()
             self.peak_bytes = max(0, max(self._max, _rss_bytes()) - self._base)
+
+
+def _cuda_peak() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated()

@@ -31,6 +31,7 @@ register_command(
     api="effnb.moe.api:moe_stats",
     config=MoEStatsConfig,
     extra_args=_text_arg,
+    makes_model=False,
     examples=["%efficient moe-stats moe_model", "%efficient moe-stats tiny-mixtral 'def f(x): return x'",
               "%efficient moe-stats moe_model --text notes.txt --max-tokens 256"],
 )

@@ -5,29 +5,27 @@ No torch import here: the command registry reads these when ``%load_ext effnb`` 
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
+
+from ..data import check_text
+from ..options import MAX_TOKENS, check_bool, check_choice, check_int, check_number
 
 METHODS = ("split", "upcycle")
 ROUTERS = ("auto", "calibration", "weights", "random")
 CLUSTERINGS = ("activations", "weights")
+MAX_EXPERTS = 1024
 
 
 def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}{hint}")
+    check_choice(name, value, allowed)
 
 
-def _int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _int(name: str, value, minimum: int, maximum: int = MAX_TOKENS) -> int:
+    return check_int(name, value, minimum, maximum)
 
 
 def _float(name: str, value, minimum: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
+    check_number(name, value, minimum)
 
 
 @dataclass
@@ -69,9 +67,12 @@ class MoEConfig:
     seed: int = field(default=0, metadata={"help": "seed for clustering and router initialisation"})
 
     def __post_init__(self) -> None:
-        _int("experts", self.experts, 1)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.experts:
-            raise ValueError(f"top_k must be an integer from 1 to experts={self.experts}, got {self.top_k!r}")
+        self.experts = check_int("experts", self.experts, 2, MAX_EXPERTS,
+                                 hint=" (one expert is the dense model: nothing to route)")
+        self.top_k = check_int("top_k", self.top_k, 1, hint=" (experts each token uses)")
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} is more than experts={self.experts}; "
+                             f"choose top_k from 1 to {self.experts}")
         _choice("method", self.method, METHODS)
         _choice("router", self.router, ROUTERS)
         _choice("clustering", self.clustering, CLUSTERINGS)
@@ -81,23 +82,23 @@ class MoEConfig:
         if self.router not in allowed:
             raise ValueError(f"router {self.router!r} does not apply to method {self.method!r}; "
                              f"allowed: {', '.join(map(repr, allowed))}")
-        _int("calibration_tokens", self.calibration_tokens, 16)
-        _int("quality_tokens", self.quality_tokens, 2)
-        _int("ffn_tokens", self.ffn_tokens, 1)
-        _int("timing_repeats", self.timing_repeats, 1)
-        _int("seed", self.seed, 0)
+        self.calibration_tokens = _int("calibration_tokens", self.calibration_tokens, 16)
+        self.quality_tokens = _int("quality_tokens", self.quality_tokens, 2)
+        self.ffn_tokens = _int("ffn_tokens", self.ffn_tokens, 1)
+        self.timing_repeats = _int("timing_repeats", self.timing_repeats, 1, 10_000)
+        self.seed = _int("seed", self.seed, 0, 2**63 - 1)
         _float("router_std", self.router_std)
         _float("expert_noise", self.expert_noise)
         _float("aux_loss_coef", self.aux_loss_coef)
-        if not isinstance(self.measure, bool):
-            raise TypeError(f"measure must be True or False, got {self.measure!r}")
+        check_bool("measure", self.measure)
+        check_bool("share_unchanged", self.share_unchanged)
+        if self.calibration is not None:
+            check_text(self.calibration, "calibration")
         if self.sweep is not None:
-            if isinstance(self.sweep, (int, str)):
+            if not isinstance(self.sweep, (list, tuple)):
                 raise TypeError(f"sweep must be a list of top_k values, got {self.sweep!r}")
-            self.sweep = [int(k) for k in self.sweep]
-            bad = [k for k in self.sweep if not 1 <= k <= self.experts]
-            if bad:
-                raise ValueError(f"sweep values must lie in 1..experts={self.experts}, got {bad}")
+            self.sweep = [check_int("sweep value", k, 1, self.experts, upper=f"experts={self.experts}")
+                          for k in self.sweep]
 
     def sweep_values(self) -> list[int]:
         """The top_k values the report measures: the sweep, or powers of two up to ``experts``, plus ``top_k``."""
@@ -129,6 +130,8 @@ class MoEStatsConfig:
     show_tokens: int = field(default=48, metadata={"help": "tokens shown in the token -> expert table"})
 
     def __post_init__(self) -> None:
-        _int("max_tokens", self.max_tokens, 1)
-        _int("window", self.window, 1)
-        _int("show_tokens", self.show_tokens, 0)
+        self.max_tokens = _int("max_tokens", self.max_tokens, 1)
+        self.window = _int("window", self.window, 1)
+        self.show_tokens = _int("show_tokens", self.show_tokens, 0)
+        if self.text is not None:
+            check_text(self.text, "text")

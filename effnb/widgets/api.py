@@ -58,6 +58,9 @@ def explore(kind: str, objects, *, text: str | None = None, layer: str | None = 
     if len(objects) != 1:
         raise ValueError(f"explore {kind} takes one model, got {len(objects)}: {' '.join(map(str, objects))}")
     model = _model(objects[0])
+    from ..commands import check_loaded
+
+    check_loaded(model, objects[0] if isinstance(objects[0], str) else type(model).__name__)
     if kind == "quant":
         from .quant import QuantExplorer
 

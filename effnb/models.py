@@ -269,7 +269,7 @@ def copy_model(model, *, share_parameters: bool = False, memo: dict | None = Non
 def model_kind(model) -> str:
     """``"causal-lm"`` for models that generate text, ``"encoder"`` for other transformers models,
     ``"module"`` for any other ``nn.Module`` (no transformers config)."""
-    check_model(model)
+    check_model(model, loaded=False)
     base_fn = getattr(model, "get_base_model", None)
     base = base_fn() if callable(base_fn) else model  # PEFT wrappers
     config = getattr(base, "config", None)

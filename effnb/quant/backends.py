@@ -59,6 +59,9 @@ def _candidates(layer) -> list[Backend]:
 
 
 def dispatch(layer, x: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 0 or x.shape[-1] != layer.in_features:
+        raise ValueError(f"input of shape {list(x.shape)} to a QuantLinear with in_features {layer.in_features}: "
+                         f"the last dimension must be {layer.in_features}")
     reasons = []
     for b in _candidates(layer):
         why = b.supports(layer, x)
@@ -101,9 +104,16 @@ def _reference_run(layer, x: torch.Tensor) -> torch.Tensor:
 _CPU_FORMATS = ("int4", "int8", "nf4", "fp4")
 
 
+def _on_cpu(layer) -> bool:
+    """Every buffer is a real CPU tensor (a meta or CUDA pointer must never reach the C code)."""
+    return all(b.device.type == "cpu" for b in layer.buffers(recurse=False) if b is not None)
+
+
 def _cpu_supports(layer, x: torch.Tensor) -> str | None:
     if x.device.type != "cpu":
         return "input not on CPU"
+    if not _on_cpu(layer):
+        return "weights not on CPU"
     if layer.fmt not in _CPU_FORMATS:
         return f"format {layer.fmt} has no CPU kernel"
     if x.requires_grad and torch.is_grad_enabled():
@@ -127,16 +137,21 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _prepare_cpu(layer):
-    """A closure with every pointer and size bound, so a decode call costs a few microseconds."""
-    lib = cpu_ext.library()
+    """A closure with every pointer and size bound, so a decode call costs a few microseconds.
+
+    The buffers are checked against the layer's sizes first (``QuantLinear.check``), and the
+    closure keeps every tensor it points into alive: a buffer replaced later cannot leave it
+    pointing at freed memory (``forward`` re-prepares when ``qweight`` changes).
+    """
+    layer.check()
     K, N, g = layer.in_features, layer.out_features, layer.group_size
     threads = torch.get_num_threads  # read at each call: torch.set_num_threads applies at once
     bias = layer.bias.detach().float().contiguous() if layer.bias is not None else None
-    keep = [bias]  # tensors the pointers refer to stay alive with the closure
+    keep = [bias, *(b for b in layer.buffers(recurse=False) if b is not None)]
     if layer.fmt == "int4":
-        fn, args = lib.effnb_int4_linear, (layer.qweight.data_ptr(), layer.scales.data_ptr(), _ptr(layer.zeros), g)
+        name, args = "effnb_int4_linear", (layer.qweight.data_ptr(), layer.scales.data_ptr(), _ptr(layer.zeros), g)
     elif layer.fmt == "int8":
-        fn, args = lib.effnb_int8_linear, (layer.qweight.data_ptr(), layer.scales.data_ptr(), g)
+        name, args = "effnb_int8_linear", (layer.qweight.data_ptr(), layer.scales.data_ptr(), g)
     else:
         table = _table(layer.fmt)
         if layer.double_quant:
@@ -144,16 +159,22 @@ def _prepare_cpu(layer):
                      float(layer.offset))
         else:
             stats = (layer.absmax.data_ptr(), None, None, None, 0.0)
-        fn, args = lib.effnb_lut4_linear, (layer.qweight.data_ptr(), *stats, g, 256, table.data_ptr())
+        name, args = "effnb_lut4_linear", (layer.qweight.data_ptr(), *stats, g, 256, table.data_ptr())
+    fn = cpu_ext.unchecked(name)  # the status is tested below: no Python hook per call
     tail = (*args, _ptr(bias))
     f32 = torch.float32
 
     def run(x: torch.Tensor, _keep=keep) -> torch.Tensor:
+        if x.shape[-1] != K:  # the output is sized from x's rows: a wrong K would write past it
+            raise ValueError(f"input of shape {list(x.shape)} to a QuantLinear with in_features {K}: "
+                             f"the last dimension must be {K}")
         x2 = x.reshape(-1, K)
         if x2.dtype != f32 or not x2.is_contiguous():
             x2 = x2.to(f32).contiguous()
         y = torch.empty(x.shape[:-1] + (N,), dtype=f32)
-        fn(x2.data_ptr(), x2.shape[0], K, N, *tail, y.data_ptr(), threads())
+        status = fn(x2.data_ptr(), x2.shape[0], K, N, *tail, y.data_ptr(), threads())
+        if status:
+            cpu_ext.raise_status(status, name)
         return y if x.dtype == f32 else y.to(x.dtype)
 
     return run
@@ -174,6 +195,8 @@ def _cpu_run(layer, x: torch.Tensor) -> torch.Tensor:
 def _cpu_dequant_supports(layer, x: torch.Tensor) -> str | None:
     if x.device.type != "cpu":
         return "input not on CPU"
+    if not _on_cpu(layer):
+        return "weights not on CPU"
     if layer.fmt not in _CPU_FORMATS:
         return f"format {layer.fmt} has no CPU kernel"
     K, g = layer.in_features, layer.group_size
@@ -189,6 +212,7 @@ def _cpu_dequant_supports(layer, x: torch.Tensor) -> str | None:
 
 def cpu_dequantize(layer) -> torch.Tensor:
     """``layer.dequantize()`` computed by the compiled CPU routine (same values, fp32 [N, K])."""
+    layer.check()  # sizes against buffers before any pointer reaches the C code
     lib = cpu_ext.library()
     N, K, g = layer.out_features, layer.in_features, layer.group_size
     # one thread writes ~7 GB/s of fp32: threads pay off only for large weights (and a thread

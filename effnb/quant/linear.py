@@ -24,6 +24,76 @@ _BUFFERS = {
     "nf4": ("qweight", "absmax", "qabsmax", "absmax2", "code2", "offset"),
     "fp4": ("qweight", "absmax", "qabsmax", "absmax2", "code2", "offset"),
 }
+_DQ_STATS = ("qabsmax", "absmax2", "code2", "offset")  # nf4/fp4 double quantization: all four or none
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _expected(fmt: str, n: int, k: int, g: int) -> dict[str, tuple[tuple[torch.dtype, ...], object]]:
+    """Per buffer: (allowed dtypes, shape tuple or element count) that the kernels rely on."""
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    if fmt in ("int4", "int8", "fp8"):
+        q = {"int4": (torch.uint8,), "int8": (torch.int8,), "fp8": (torch.float8_e4m3fn,)}[fmt]
+        return {"qweight": (q, (n, k // 2 if fmt == "int4" else k)), "scales": (floats, (n, k // g)),
+                "zeros": (floats, (n, k // g))}
+    blocks = -(-n * k // g)
+    f32 = (torch.float32,)  # the CPU kernels read these as fp32 arrays
+    return {"qweight": ((torch.uint8,), -(-n * k // 2)), "absmax": (f32, blocks), "qabsmax": ((torch.uint8,), blocks),
+            "absmax2": (f32, -(-blocks // F.DQ_BLOCKSIZE)), "code2": (f32, 256), "offset": (f32, 1)}
+
+
+def check_layer(in_features, out_features, fmt, group_size, tensors: dict, bias=None, where: str = "",
+                prefix: str = "") -> None:
+    """Raise ValueError unless the sizes and buffers describe a layer the kernels can read safely.
+
+    Every buffer's dtype and shape is checked against (in_features, out_features, group_size), so
+    no kernel can read past a buffer; ``where`` starts the message (a file, a layer), ``prefix``
+    the tensor names (the layer's name in a state dict).
+    """
+    at = f"{where}: " if where else ""
+    if fmt not in FORMATS:
+        raise ValueError(f"{at}unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    for name, v in (("in_features", in_features), ("out_features", out_features), ("group_size", group_size)):
+        if not _is_int(v) or v <= 0:
+            raise ValueError(f"{at}{name} must be a positive integer, got {v!r}")
+    k, n, g = in_features, out_features, group_size
+    if fmt in ("int4", "int8", "fp8") and k % g:
+        raise ValueError(f"{at}group_size {g} does not divide in_features {k} ({fmt} groups run along a row)")
+    if fmt == "int4" and k % 2:
+        raise ValueError(f"{at}int4 packs two columns per byte: in_features {k} must be even")
+    present = {name for name, t in tensors.items() if t is not None and not name.startswith("_")}  # "_sq_err": not a buffer
+    required = {"qweight", "scales"} if fmt in ("int4", "int8", "fp8") else {"qweight"}
+    if fmt in ("nf4", "fp4"):
+        dq = present & set(_DQ_STATS)
+        if dq and dq != set(_DQ_STATS):
+            raise ValueError(f"{at}double quantization needs all of {', '.join(_DQ_STATS)}; missing "
+                             f"{', '.join(sorted(set(_DQ_STATS) - dq))}")
+        required |= set(_DQ_STATS) if dq else {"absmax"}
+    missing, unknown = required - present, present - set(_BUFFERS[fmt])
+    if missing or unknown:
+        raise ValueError(f"{at}{fmt} layer needs tensors {sorted(required)}; missing {sorted(missing)}, "
+                         f"not allowed {sorted(unknown)}")
+    sizes = f"(in_features {k}, out_features {n}, group_size {g})"
+    for name, (dtypes, shape) in _expected(fmt, n, k, g).items():
+        t = tensors.get(name)
+        if t is not None:
+            _check_tensor(t, prefix + name, dtypes, shape, at, sizes)
+    if bias is not None:
+        _check_tensor(bias, prefix + "bias", (torch.float16, torch.bfloat16, torch.float32, torch.float64), (n,), at, sizes)
+
+
+def _check_tensor(t, name: str, dtypes, shape, at: str, sizes: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{at}{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{at}{name} has dtype {str(t.dtype).replace('torch.', '')}; expected "
+                         f"{' or '.join(str(d).replace('torch.', '') for d in dtypes)}")
+    ok = tuple(t.shape) == shape if isinstance(shape, tuple) else t.numel() == shape
+    if not ok:
+        want = list(shape) if isinstance(shape, tuple) else f"{shape} elements"
+        raise ValueError(f"{at}{name} has shape {list(t.shape)}; the layer's sizes {sizes} need {want}")
 
 
 class QuantLinear(nn.Module):
@@ -37,8 +107,7 @@ class QuantLinear(nn.Module):
                  tensors: dict[str, torch.Tensor | None], bias: torch.Tensor | None = None,
                  backend: str = "auto", method: str | None = None):
         super().__init__()
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+        check_layer(in_features, out_features, fmt, group_size, tensors, bias)
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.group_size, self.method = fmt, group_size, method or fmt
         self._fast = None  # (qweight data_ptr, max input numel, prepared callable) from backends._cpu_run
@@ -81,6 +150,12 @@ class QuantLinear(nn.Module):
         if self.fmt == "fp8":
             return F.dequantize_fp8(self.qweight, self.scales, self.group_size)
         return F.dequantize_4bit(self.qweight, self.absmax_fp32(), self.group_size, self.fmt, shape)
+
+    def check(self) -> None:
+        """Raise ValueError unless the current buffers still match the layer's sizes (the kernels'
+        bounds: checked before any pointer goes to compiled code)."""
+        tensors = {n: getattr(self, n, None) for n in _BUFFERS[self.fmt]}
+        check_layer(self.in_features, self.out_features, self.fmt, self.group_size, tensors, self.bias)
 
     def effnb_logical_numel(self) -> int:
         """Logical weight count (the packed buffers are not parameters); read by effnb.measure."""

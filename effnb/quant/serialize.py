@@ -5,17 +5,45 @@
     effnb.quant.serialize.export_bitsandbytes(qmodel, "smol-bnb")
     AutoModelForCausalLM.from_pretrained("smol-bnb")   # transformers reads it as a bnb 4-bit checkpoint
 
-The architecture is rebuilt from the transformers config (no code is unpickled); for a plain
-``nn.Module`` pass a freshly built one as ``load(path, model=skeleton)``.
+Checkpoints are data, never code, validated before any kernel reads them, and saved atomically
+(docs/reliability.md): effnb.json's schema and format version, a SHA-256 of every tensor (since
+version 2; version 1 loads with a warning), each quantized layer's buffers against its sizes and
+every other tensor against the model; a bad file is one ValueError (FileNotFoundError if missing)
+naming the file, the tensor and the fault. The architecture is rebuilt with
+``trust_remote_code=False`` (``auto_map`` is refused); for other models pass
+``load(path, model=skeleton)``, which is changed only once every check passed. A save writes a
+hidden folder beside the target, fsyncs it and swaps it in by two renames; the next save or load
+repairs what a kill left (restores the backup if the target is gone, removes leftovers).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import secrets
+import shutil
+import warnings
 from pathlib import Path
 
-FORMAT = "effnb.quantized"
-VERSION = 1
+from .checkpoint import (
+    FORMAT,
+    VERSION,
+    build_skeleton,
+    check_fits,
+    check_layers,
+    digest,
+    load_tokenizer,
+    read_meta,
+    read_tensors,
+)
+
+log = logging.getLogger(__name__)
+
+_WRITTEN = {"model.safetensors", "effnb.json", "config.json", "tokenizer"}  # what save puts in a checkpoint
+_TMP, _OLD = ".effnb-tmp-", ".effnb-old-"  # .<name>.effnb-tmp-<pid>-<hex>: beside the target, never in it
+_LOAD_BACKENDS = ("auto", "reference", "cpu", "cuda")  # what a QuantLinear can run on (backends.py)
+_save_hook = None  # tests only: called with each stage's name during a save (the kill tests)
 
 
 def _quant_layers(model) -> dict:
@@ -24,16 +52,61 @@ def _quant_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def save(model, path) -> Path:
-    """Write ``model`` (quantized or not) to directory ``path`` as safetensors + JSON; returns the path."""
-    import torch
-    from safetensors.torch import save_file
+def _stage(name: str) -> None:
+    if _save_hook is not None:
+        _save_hook(name)
 
-    from ..models import _TOKENIZER_ATTR, _find_attr, check_model
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def save(model, path) -> Path:
+    """Write ``model`` (quantized or not) to directory ``path`` as safetensors + JSON; returns the path.
+
+    Atomic: ``path`` holds either the previous checkpoint or the new one, whatever happens (see above).
+    """
+    from ..models import check_model
 
     check_model(model)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    _check_target(path)
+    state, tied = _state(model)
+    meta = {"format": FORMAT, "version": VERSION, "class": type(model).__name__, "tied": tied,
+            "layers": {n: m.config_dict() for n, m in _quant_layers(model).items()},
+            "checksums": {k: digest(t) for k, t in state.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _stage("begin")
+    tmp = path.parent / f".{path.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _stage("tmp-created")
+        _write(tmp, model, state, meta)
+        _swap(tmp, path)
+    finally:
+        if tmp.exists():  # the save failed before the swap: the target was never touched
+            shutil.rmtree(tmp)
+    return path
+
+
+def _check_target(path: Path) -> None:
+    """Refuse to replace anything but an effnb checkpoint (a user's folder is never deleted)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder: effnb.save writes a checkpoint folder; choose another path")
+    names = set(os.listdir(path))
+    if names and "effnb.json" not in names:
+        raise ValueError(f"{path} exists and is not an effnb checkpoint (no effnb.json): refusing to replace it; "
+                         "choose a new folder")
+    if names - _WRITTEN:
+        raise ValueError(f"{path} holds files effnb.save did not write ({', '.join(sorted(names - _WRITTEN)[:5])}): "
+                         "refusing to replace them; move them or choose a new folder")
+
+
+def _state(model) -> tuple[dict, dict]:
+    import torch
+
     state, seen, tied = {}, {}, {}
     for k, t in model.state_dict().items():
         if not isinstance(t, torch.Tensor):
@@ -45,78 +118,143 @@ def save(model, path) -> Path:
         if ident is not None:
             seen[ident] = k
         state[k] = t.detach().contiguous().cpu()
-    save_file(state, str(path / "model.safetensors"))
-    meta = {"format": FORMAT, "version": VERSION, "class": type(model).__name__, "tied": tied,
-            "layers": {n: m.config_dict() for n, m in _quant_layers(model).items()}}
+    return state, tied
+
+
+def _write(tmp: Path, model, state: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..models import _TOKENIZER_ATTR, _find_attr
+
+    save_file(state, str(tmp / "model.safetensors"))
+    _stage("tensors-written")
+    (tmp / "effnb.json").write_text(json.dumps(meta, indent=1))
+    _stage("meta-written")
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
-        (path / "config.json").write_text(config.to_json_string())
-    (path / "effnb.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "config.json").write_text(config.to_json_string())
+    _stage("config-written")
     tok = _find_attr(model, _TOKENIZER_ATTR)
     if tok is not None and hasattr(tok, "save_pretrained"):
-        tok.save_pretrained(str(path / "tokenizer"))
-    return path
+        tok.save_pretrained(str(tmp / "tokenizer"))
+    _stage("tokenizer-written")
+    for dirpath, _, filenames in os.walk(tmp):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+    _stage("synced")
+
+
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}{_OLD}{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(path, old)
+        _stage("old-moved")
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    _stage("new-moved")
+    _fsync(path.parent)
+    if old is not None:
+        shutil.rmtree(old)
+        _stage("old-removed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        pass
+    return True
+
+
+def _leftovers(path: Path, kind: str) -> list[Path]:
+    """Temporary (``_TMP``) or backup (``_OLD``) folders of ``path`` whose writer is gone."""
+    prefix = f".{path.name}{kind}"
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another process is saving right now
+        found.append(entry)
+    return sorted(found, key=lambda e: e.stat().st_mtime)
+
+
+def _recover(path: Path) -> None:
+    """Finish what a killed save left: restore the backup if the target is gone, drop the rest."""
+    backups = _leftovers(path, _OLD)
+    if backups and not path.exists():
+        os.rename(backups.pop(), path)
+        msg = f"{path}: restored the previous checkpoint left by an interrupted effnb.save"
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    for left in backups + _leftovers(path, _TMP):
+        log.info("removing %s, left by an interrupted effnb.save", left)
+        shutil.rmtree(left)
+
+
+# ------------------------------------------------------------------------------------------ load
 
 
 def load(path, model=None, backend: str = "auto"):
     """Rebuild a model saved by ``save``; ``model``: an unquantized skeleton for non-transformers models."""
-    from safetensors.torch import load_file
-
     from .linear import QuantLinear
 
+    if backend not in _LOAD_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choices: {', '.join(_LOAD_BACKENDS)}")
     path = Path(path)
-    meta_file = path / "effnb.json"
-    if not meta_file.exists():
-        raise ValueError(f"{path} is not an effnb checkpoint (no effnb.json); effnb.save writes one")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
-        raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
-    state = load_file(str(path / "model.safetensors"))
+    _recover(path)
+    if not path.is_dir():
+        if path.exists():
+            raise ValueError(f"{path} is a file, not a checkpoint folder (effnb.save writes a folder)")
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    meta = read_meta(path)
+    state = read_tensors(path, meta)
+    check_layers(path, meta, state)
     if model is None:
-        model = _skeleton(path, meta)
-    for lname, cfg in meta["layers"].items():
+        model = build_skeleton(path, meta)
+    else:
+        from ..models import check_model
+
+        check_model(model, loaded=False)  # a skeleton built on the meta device is what load fills
+    check_fits(path, model, meta, state)
+    tok = load_tokenizer(path)
+    for lname, cfg in meta["layers"].items():  # everything is checked: from here on the model changes
         parent, _, child = lname.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, QuantLinear.empty_like_config(cfg, state, lname + ".", backend=backend))
-    for k, src in meta.get("tied", {}).items():
+    for k, src in meta["tied"].items():
         state[k] = state[src]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if k not in meta.get("tied", {})]
-    if not missing:
-        missing = [n for n, p in model.named_parameters() if p.is_meta]  # never in the checkpoint
+    missing = [k for k in missing if k not in meta["tied"]] or [n for n, p in model.named_parameters() if p.is_meta]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if hasattr(model, "tie_weights") and meta.get("tied"):
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights") and meta["tied"]:
         model.tie_weights()
-    tok_dir = path / "tokenizer"
-    if tok_dir.exists():
-        from transformers import AutoTokenizer
-
+    if tok is not None:
         from ..models import attach_tokenizer
 
-        attach_tokenizer(model, AutoTokenizer.from_pretrained(str(tok_dir)))
+        attach_tokenizer(model, tok)
     model._effnb_name = path.name
     return model.eval()
-
-
-def _skeleton(path: Path, meta: dict):
-    import transformers
-
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise ValueError(f"{path} has no config.json: pass the unquantized architecture as load(path, model=...)")
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    cls = getattr(transformers, meta["class"], None)
-    if cls is None:
-        raise ValueError(f"transformers has no class {meta['class']!r}; pass load(path, model=...)")
-    # Parameters on the "meta" device (no memory, no random init: SmolLM2's would be 538 MB of fp32 that
-    # the checkpoint replaces at once); buffers stay real, since non-persistent ones such as rotary
-    # frequencies are not in the checkpoint and must be computed by the constructor. accelerate's helper
-    # does exactly this and comes with peft.
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        return cls(config)
 
 
 def export_bitsandbytes(model, path) -> Path:

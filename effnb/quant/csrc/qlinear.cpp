@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,7 +34,11 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
+#include <system_error>
 #include <thread>
 
 #ifdef _OPENMP
@@ -128,7 +133,17 @@ inline uint64_t drain(State* s, uint64_t w) {
     }
 }
 
+void worker_loop(State* s, int index);
+
+// A worker ends quietly if waiting ever throws (its unclaimed chunks are the caller's to run).
 void worker_main(State* s, int index) {
+    try {
+        worker_loop(s, index);
+    } catch (...) {
+    }
+}
+
+void worker_loop(State* s, int index) {
     uint32_t seen = epoch_of(s->word.load(std::memory_order_acquire));
     for (;;) {
         uint64_t w = s->word.load(std::memory_order_acquire);
@@ -168,7 +183,8 @@ State* state() {
     State* s = g_state.load(std::memory_order_acquire);
     const pid_t pid = getpid();
     if (s == nullptr || s->pid != pid) {  // first use, or a forked child: the parent's workers are not here
-        State* fresh = new State();
+        State* fresh = new (std::nothrow) State();
+        if (fresh == nullptr) return nullptr;  // the caller runs its call alone
         fresh->pid = pid;
         if (g_state.compare_exchange_strong(s, fresh)) return fresh;
         delete fresh;
@@ -186,15 +202,21 @@ void parallel(int64_t n, int nthreads, G& run) {
         return;
     }
     State* s = state();
-    std::unique_lock<std::mutex> busy(s->run_mu, std::try_to_lock);
-    if (!busy.owns_lock()) {  // another thread's call is running: do this one alone
+    std::unique_lock<std::mutex> busy;
+    if (s != nullptr) busy = std::unique_lock<std::mutex>(s->run_mu, std::try_to_lock);
+    if (!busy.owns_lock()) {  // another thread's call is running (or no memory for the pool): do this one alone
         for (int64_t i = 0; i < n; ++i) run(i);
         return;
     }
     while (s->workers < nthreads - 1) {
-        std::thread(worker_main, s, s->workers + 1).detach();
+        try {
+            std::thread(worker_main, s, s->workers + 1).detach();
+        } catch (const std::system_error&) {  // no thread (a memory or process limit): use the ones there are
+            break;
+        }
         ++s->workers;
     }
+    if (nthreads > s->workers + 1) nthreads = s->workers + 1;
     s->fn = &call_chunk<G>;
     s->ctx = &run;
     s->done.store(0, std::memory_order_relaxed);
@@ -216,6 +238,44 @@ void parallel(int64_t n, int nthreads, G& run) {
 }
 
 }  // namespace pool
+
+// ------------------------------------------------------------------------- errors and fork
+// No C++ exception may cross the C ABI (it would abort the whole Python process): every exported
+// function returns kOk or an error code, with what failed kept per thread for effnb_last_error,
+// which cpu_ext.py turns into a one-line MemoryError / RuntimeError.
+constexpr int kOk = 0, kNoMemory = 1, kFailed = 2, kBadSizes = 3;
+thread_local char g_error[256];
+thread_local int64_t g_error_bytes = -1;
+
+int note_error(int code, const char* fn, const char* what, int64_t bytes) {
+    snprintf(g_error, sizeof g_error, "%s: %s", fn, what);
+    g_error_bytes = bytes;
+    return code;
+}
+
+// Called inside a catch block: classify the exception in flight.
+int on_exception(const char* fn) {
+    try {
+        throw;
+    } catch (const std::bad_alloc&) {
+        return note_error(kNoMemory, fn, "memory for its working buffers", -1);
+    } catch (const std::exception& e) {
+        return note_error(kFailed, fn, e.what(), -1);
+    } catch (...) {
+        return note_error(kFailed, fn, "an unknown C++ exception", -1);
+    }
+}
+
+// Threads for an OpenMP region: one in a fork()ed child, where GNU OpenMP's worker threads (made
+// by the parent) do not exist and a parallel region would wait for them forever.
+inline int team(int nthreads) { return pool::g_forked.load(std::memory_order_relaxed) ? 1 : nthreads; }
+
+using Buffer = std::unique_ptr<float, decltype(&free)>;
+
+// Sizes each kernel needs so that it stays inside its buffers (the Python side checks the buffers
+// against the sizes; these cheap checks catch a caller that passes inconsistent sizes).
+#define EFFNB_REQUIRE(cond, fn) \
+    if (!(cond)) return note_error(kBadSizes, fn, "invalid sizes (needs " #cond ")", -1)
 
 namespace {
 
@@ -512,72 +572,90 @@ inline float stored_codes(const float* w, int64_t g, float s16, float z16, float
 
 }  // namespace
 
-extern "C" void effnb_hqq(const float* W, int64_t ngroups, int64_t g, int levels_i, int iters, float lp, float beta0,
-                          float kappa, int refit_rounds, uint8_t* codes, uint16_t* scales16, uint16_t* zeros16,
-                          double* sq_err, int nthreads) {
-    const float levels = (float)levels_i;
-    double total = 0.0;
-#pragma omp parallel for schedule(static, 64) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
-    for (int64_t gi = 0; gi < ngroups; ++gi) {
-        const float* w = W + gi * g;
-        float q[256], qbest[256];
-        float lo = w[0], hi = w[0];
-        for (int64_t k = 1; k < g; ++k) { lo = w[k] < lo ? w[k] : lo; hi = w[k] > hi ? w[k] : hi; }
-        float s = (hi - lo) / levels;
-        s = s > 1e-8f ? s : 1e-8f;
-        const float inv = 1.0f / s;
-        float z = -lo / s, best_z = z, best_err = INFINITY, beta = beta0;
-        const __m256 invv = _mm256_set1_ps(inv), lv = _mm256_set1_ps(levels), pv = _mm256_set1_ps(lp - 1.0f);
-        for (int it = 0; it < iters; ++it) {
-            const __m256 zv = _mm256_set1_ps(z), rb = _mm256_set1_ps(1.0f / beta);
-            __m256 abs_err = _mm256_setzero_ps(), zsum = _mm256_setzero_ps();
-            for (int64_t k = 0; k < g; k += 8) {
-                __m256 wv = _mm256_loadu_ps(w + k);
-                __m256 c = _mm256_round_ps(_mm256_fmadd_ps(wv, invv, zv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                c = _mm256_min_ps(_mm256_max_ps(c, _mm256_setzero_ps()), lv);
-                __m256 e = _mm256_sub_ps(wv, _mm256_div_ps(_mm256_sub_ps(c, zv), invv));
-                __m256 ae = _mm256_and_ps(e, kAbsMask);
-                abs_err = _mm256_add_ps(abs_err, ae);
-                // shrink_lp(e) = sign(e) * relu(|e| - |e|^(p-1) / beta); 0 where e == 0
-                __m256 safe = _mm256_max_ps(ae, _mm256_set1_ps(1e-30f));
-                __m256 mag = _mm256_max_ps(_mm256_sub_ps(ae, _mm256_mul_ps(fast_pow(safe, pv), rb)), _mm256_setzero_ps());
-                __m256 we = _mm256_or_ps(mag, _mm256_andnot_ps(kAbsMask, e));
-                zsum = _mm256_add_ps(zsum, _mm256_sub_ps(c, _mm256_mul_ps(_mm256_sub_ps(wv, we), invv)));
+extern "C" int effnb_hqq(const float* W, int64_t ngroups, int64_t g, int levels_i, int iters, float lp, float beta0,
+                         float kappa, int refit_rounds, uint8_t* codes, uint16_t* scales16, uint16_t* zeros16,
+                         double* sq_err, int nthreads) {
+    EFFNB_REQUIRE(ngroups >= 0 && g > 0 && g % 8 == 0 && g <= 256 && levels_i > 0 && levels_i < 256, "effnb_hqq");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+        const float levels = (float)levels_i;
+        double total = 0.0;
+    #pragma omp parallel for schedule(static, 64) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+        for (int64_t gi = 0; gi < ngroups; ++gi) {
+            const float* w = W + gi * g;
+            float q[256], qbest[256];
+            float lo = w[0], hi = w[0];
+            for (int64_t k = 1; k < g; ++k) { lo = w[k] < lo ? w[k] : lo; hi = w[k] > hi ? w[k] : hi; }
+            float s = (hi - lo) / levels;
+            s = s > 1e-8f ? s : 1e-8f;
+            const float inv = 1.0f / s;
+            float z = -lo / s, best_z = z, best_err = INFINITY, beta = beta0;
+            const __m256 invv = _mm256_set1_ps(inv), lv = _mm256_set1_ps(levels), pv = _mm256_set1_ps(lp - 1.0f);
+            for (int it = 0; it < iters; ++it) {
+                const __m256 zv = _mm256_set1_ps(z), rb = _mm256_set1_ps(1.0f / beta);
+                __m256 abs_err = _mm256_setzero_ps(), zsum = _mm256_setzero_ps();
+                for (int64_t k = 0; k < g; k += 8) {
+                    __m256 wv = _mm256_loadu_ps(w + k);
+                    __m256 c = _mm256_round_ps(_mm256_fmadd_ps(wv, invv, zv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    c = _mm256_min_ps(_mm256_max_ps(c, _mm256_setzero_ps()), lv);
+                    __m256 e = _mm256_sub_ps(wv, _mm256_div_ps(_mm256_sub_ps(c, zv), invv));
+                    __m256 ae = _mm256_and_ps(e, kAbsMask);
+                    abs_err = _mm256_add_ps(abs_err, ae);
+                    // shrink_lp(e) = sign(e) * relu(|e| - |e|^(p-1) / beta); 0 where e == 0
+                    __m256 safe = _mm256_max_ps(ae, _mm256_set1_ps(1e-30f));
+                    __m256 mag = _mm256_max_ps(_mm256_sub_ps(ae, _mm256_mul_ps(fast_pow(safe, pv), rb)), _mm256_setzero_ps());
+                    __m256 we = _mm256_or_ps(mag, _mm256_andnot_ps(kAbsMask, e));
+                    zsum = _mm256_add_ps(zsum, _mm256_sub_ps(c, _mm256_mul_ps(_mm256_sub_ps(wv, we), invv)));
+                }
+                const float err = hsum8(abs_err) / g;
+                if (err < best_err) { best_err = err; best_z = z; }
+                z = hsum8(zsum) / g;
+                beta *= kappa;
             }
-            const float err = hsum8(abs_err) / g;
-            if (err < best_err) { best_err = err; best_z = z; }
-            z = hsum8(zsum) / g;
-            beta *= kappa;
-        }
-        float s16 = to_f16_and_back(s), z16 = to_f16_and_back(best_z);
-        float err = stored_codes(w, g, s16, z16, levels, q);
-        for (int r = 0; r < refit_rounds; ++r) {  // least squares: w ~ s (q - z) on fixed codes
-            float qm = 0.f, wm = 0.f;
-            for (int64_t k = 0; k < g; ++k) { qm += q[k]; wm += w[k]; }
-            qm /= g; wm /= g;
-            float var = 0.f, cov = 0.f;
-            for (int64_t k = 0; k < g; ++k) { var += (q[k] - qm) * (q[k] - qm); cov += (q[k] - qm) * (w[k] - wm); }
-            var /= g; cov /= g;
-            float sn = var > 1e-12f ? cov / var : 1.0f;
-            sn = fabsf(sn) > 1e-12f ? sn : 1e-8f;
-            const float sn16 = to_f16_and_back(sn), zn16 = to_f16_and_back(qm - wm / sn);
-            const float err2 = stored_codes(w, g, sn16, zn16, levels, qbest);
-            if (err2 < err) {
-                err = err2; s16 = sn16; z16 = zn16;
-                memcpy(q, qbest, sizeof(float) * g);
+            float s16 = to_f16_and_back(s), z16 = to_f16_and_back(best_z);
+            float err = stored_codes(w, g, s16, z16, levels, q);
+            for (int r = 0; r < refit_rounds; ++r) {  // least squares: w ~ s (q - z) on fixed codes
+                float qm = 0.f, wm = 0.f;
+                for (int64_t k = 0; k < g; ++k) { qm += q[k]; wm += w[k]; }
+                qm /= g; wm /= g;
+                float var = 0.f, cov = 0.f;
+                for (int64_t k = 0; k < g; ++k) { var += (q[k] - qm) * (q[k] - qm); cov += (q[k] - qm) * (w[k] - wm); }
+                var /= g; cov /= g;
+                float sn = var > 1e-12f ? cov / var : 1.0f;
+                sn = fabsf(sn) > 1e-12f ? sn : 1e-8f;
+                const float sn16 = to_f16_and_back(sn), zn16 = to_f16_and_back(qm - wm / sn);
+                const float err2 = stored_codes(w, g, sn16, zn16, levels, qbest);
+                if (err2 < err) {
+                    err = err2; s16 = sn16; z16 = zn16;
+                    memcpy(q, qbest, sizeof(float) * g);
+                }
             }
+            for (int64_t k = 0; k < g; ++k) codes[gi * g + k] = (uint8_t)q[k];
+            scales16[gi] = _cvtss_sh(s16, _MM_FROUND_TO_NEAREST_INT);
+            zeros16[gi] = _cvtss_sh(z16, _MM_FROUND_TO_NEAREST_INT);
+            total += err;
         }
-        for (int64_t k = 0; k < g; ++k) codes[gi * g + k] = (uint8_t)q[k];
-        scales16[gi] = _cvtss_sh(s16, _MM_FROUND_TO_NEAREST_INT);
-        zeros16[gi] = _cvtss_sh(z16, _MM_FROUND_TO_NEAREST_INT);
-        total += err;
+        *sq_err = total;
+    } catch (...) {
+        return on_exception("effnb_hqq");
     }
-    *sq_err = total;
+    return kOk;
 }
 
 extern "C" {
 
-int effnb_abi_version() { return 8; }
+int effnb_abi_version() { return 9; }
+
+// What the last failed call on this thread could not do: writes a message into msg (n bytes) and
+// returns the size it tried to allocate (-1 if unknown or not an allocation).
+int64_t effnb_last_error(char* msg, int64_t n) {
+    if (n > 0) snprintf(msg, (size_t)n, "%s", g_error);
+    return g_error_bytes;
+}
+
+// The process is a fork()ed child although the library was loaded after the fork (cpu_ext.py
+// learns it from os.register_at_fork): as after pthread_atfork, no OpenMP region from now on.
+void effnb_note_fork() { pool::g_forked.store(true); }
 
 // 0: auto (OpenMP; effnb's pool for 2 s after a stalled call), 1: always OpenMP, 2: always the pool.
 void effnb_set_decode_threading(int mode) {
@@ -592,42 +670,64 @@ void effnb_decode_threading_stats(int64_t* out) {
     out[2] = now_ns() < pool::g_pool_until.load() ? 1 : 0;
 }
 
-void effnb_int4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const uint16_t* scales,
-                       const uint16_t* zeros, int64_t g, const float* bias, float* y, int nthreads) {
-    const int64_t G = K / g;
-    float* xs = static_cast<float*>(malloc(sizeof(float) * (M * K + M * G)));
-    float* xsum = xs + M * K;
-    deinterleave(x, xs, M, K);
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t gi = 0; gi < G; ++gi) {
-            float s = 0.f;
-            for (int64_t k = gi * g; k < (gi + 1) * g; ++k) s += x[m * K + k];
-            xsum[m * G + gi] = s;
-        }
-    over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
-        DISPATCH_MM(mm, int4_rows, xs + m0 * K, xsum + m0 * G, mm, K, N, n0, n1, qw, scales, zeros, g, bias,
-                    y + m0 * N);
-    });
-    free(xs);
+int effnb_int4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const uint16_t* scales,
+                      const uint16_t* zeros, int64_t g, const float* bias, float* y, int nthreads) {
+    EFFNB_REQUIRE(M >= 0 && N >= 0 && K > 0 && g > 0 && K % g == 0 && g % 32 == 0, "effnb_int4_linear");
+    try {
+        const int64_t G = K / g;
+        const int64_t bytes = (int64_t)sizeof(float) * (M * K + M * G);
+        Buffer buf(static_cast<float*>(malloc(bytes)), &free);
+        if (!buf) return note_error(kNoMemory, "effnb_int4_linear", "the reordered input", bytes);
+        float* xs = buf.get();
+        float* xsum = xs + M * K;
+        deinterleave(x, xs, M, K);
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t gi = 0; gi < G; ++gi) {
+                float s = 0.f;
+                for (int64_t k = gi * g; k < (gi + 1) * g; ++k) s += x[m * K + k];
+                xsum[m * G + gi] = s;
+            }
+        over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
+            DISPATCH_MM(mm, int4_rows, xs + m0 * K, xsum + m0 * G, mm, K, N, n0, n1, qw, scales, zeros, g, bias,
+                        y + m0 * N);
+        });
+    } catch (...) {
+        return on_exception("effnb_int4_linear");
+    }
+    return kOk;
 }
 
-void effnb_lut4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const float* absmax,
-                       const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int64_t bs,
-                       int64_t bs2, const float* table, const float* bias, float* y, int nthreads) {
-    float* xs = static_cast<float*>(malloc(sizeof(float) * M * K));
-    deinterleave(x, xs, M, K);
-    over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
-        DISPATCH_MM(mm, lut4_rows, xs + m0 * K, mm, K, N, n0, n1, qw, absmax, qabsmax, code2, absmax2, offset, bs,
-                    bs2, table, bias, y + m0 * N);
-    });
-    free(xs);
+int effnb_lut4_linear(const float* x, int64_t M, int64_t K, int64_t N, const uint8_t* qw, const float* absmax,
+                      const uint8_t* qabsmax, const float* code2, const float* absmax2, float offset, int64_t bs,
+                      int64_t bs2, const float* table, const float* bias, float* y, int nthreads) {
+    EFFNB_REQUIRE(M >= 0 && N >= 0 && K > 0 && bs > 0 && K % bs == 0 && bs % 32 == 0 && bs2 > 0, "effnb_lut4_linear");
+    try {
+        const int64_t bytes = (int64_t)sizeof(float) * M * K;
+        Buffer buf(static_cast<float*>(malloc(bytes)), &free);
+        if (!buf) return note_error(kNoMemory, "effnb_lut4_linear", "the reordered input", bytes);
+        float* xs = buf.get();
+        deinterleave(x, xs, M, K);
+        over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
+            DISPATCH_MM(mm, lut4_rows, xs + m0 * K, mm, K, N, n0, n1, qw, absmax, qabsmax, code2, absmax2, offset, bs,
+                        bs2, table, bias, y + m0 * N);
+        });
+    } catch (...) {
+        return on_exception("effnb_lut4_linear");
+    }
+    return kOk;
 }
 
-void effnb_int8_linear(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* qw, const uint16_t* scales,
-                       int64_t g, const float* bias, float* y, int nthreads) {
-    over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
-        DISPATCH_MM(mm, int8_rows, x + m0 * K, mm, K, N, n0, n1, qw, scales, g, bias, y + m0 * N);
-    });
+int effnb_int8_linear(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* qw, const uint16_t* scales,
+                      int64_t g, const float* bias, float* y, int nthreads) {
+    EFFNB_REQUIRE(M >= 0 && N >= 0 && K > 0 && g > 0 && K % g == 0 && g % 32 == 0, "effnb_int8_linear");
+    try {
+        over_rows(M, N, nthreads, [&](int64_t m0, int64_t mm, int64_t n0, int64_t n1) {
+            DISPATCH_MM(mm, int8_rows, x + m0 * K, mm, K, N, n0, n1, qw, scales, g, bias, y + m0 * N);
+        });
+    } catch (...) {
+        return on_exception("effnb_int8_linear");
+    }
+    return kOk;
 }
 
 // ------------------------------------------------------------- int4 / int8 round to nearest
@@ -640,58 +740,65 @@ void effnb_int8_linear(const float* x, int64_t M, int64_t K, int64_t N, const in
 //   mode 2: int8: s = fp16(absmax / 127) (1 if it rounds to 0), q = clamp(round(w / s), -127, 127)
 constexpr float kFp16Tiny = 5.9604644775390625e-8f;  // 2^-24, the smallest positive fp16 (formats.FP16_TINY)
 
-void effnb_quantize_rtn(const float* w, int64_t N, int64_t K, int64_t g, int mode, uint8_t* q, uint16_t* scales,
-                        uint16_t* zeros, double* sq_err, int nthreads) {
-    const int64_t G = K / g;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
-    for (int64_t n = 0; n < N; ++n) {
-        double err = 0.0;
-        for (int64_t gi = 0; gi < G; ++gi) {
-            const float* x = w + n * K + gi * g;
-            float lo = x[0], hi = x[0];
-            for (int64_t k = 1; k < g; ++k) { lo = x[k] < lo ? x[k] : lo; hi = x[k] > hi ? x[k] : hi; }
-            float s, z;
-            if (mode == 2) {
-                const float am = fabsf(lo) > fabsf(hi) ? fabsf(lo) : fabsf(hi);
-                s = h2f(_cvtss_sh(am / 127.f, _MM_FROUND_TO_NEAREST_INT));
-                if (!(s > 0.f)) s = 1.f;
-                z = 0.f;
-            } else if (mode == 1) {
-                const float a = -lo / 8.f, b = hi / 7.f;
-                float s32 = a > b ? a : b;
-                if (!(s32 > 0.f)) s32 = 1.f;
-                if (s32 < kFp16Tiny) s32 = kFp16Tiny;
-                s = h2f(_cvtss_sh(s32, _MM_FROUND_TO_NEAREST_INT));
-                z = 8.f;
-            } else {
-                float s32 = (hi - lo) / 15.f;
-                if (!(s32 > 0.f)) s32 = 1.f;
-                if (s32 < kFp16Tiny) s32 = kFp16Tiny;  // a smaller scale would be stored as 0
-                s = h2f(_cvtss_sh(s32, _MM_FROUND_TO_NEAREST_INT));
-                z = h2f(_cvtss_sh(-lo / s, _MM_FROUND_TO_NEAREST_INT));
-                zeros[n * G + gi] = _cvtss_sh(z, _MM_FROUND_TO_NEAREST_INT);
-            }
-            scales[n * G + gi] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
-            const float qmin = mode == 2 ? -127.f : 0.f, qmax = mode == 2 ? 127.f : 15.f;
-            for (int64_t k = 0; k < g; ++k) {
-                float v = nearbyintf(x[k] / s + z);
-                v = v < qmin ? qmin : (v > qmax ? qmax : v);
-                const float d = x[k] - (v - z) * s;
-                err += (double)d * d;
-                const int64_t col = gi * g + k;
+int effnb_quantize_rtn(const float* w, int64_t N, int64_t K, int64_t g, int mode, uint8_t* q, uint16_t* scales,
+                       uint16_t* zeros, double* sq_err, int nthreads) {
+    EFFNB_REQUIRE(N >= 0 && K > 0 && g > 0 && K % g == 0 && (mode == 2 || K % 2 == 0) && mode >= 0 && mode <= 2, "effnb_quantize_rtn");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+        const int64_t G = K / g;
+        double total = 0.0;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+        for (int64_t n = 0; n < N; ++n) {
+            double err = 0.0;
+            for (int64_t gi = 0; gi < G; ++gi) {
+                const float* x = w + n * K + gi * g;
+                float lo = x[0], hi = x[0];
+                for (int64_t k = 1; k < g; ++k) { lo = x[k] < lo ? x[k] : lo; hi = x[k] > hi ? x[k] : hi; }
+                float s, z;
                 if (mode == 2) {
-                    reinterpret_cast<int8_t*>(q)[n * K + col] = (int8_t)v;
-                } else if (col % 2 == 0) {
-                    q[n * (K / 2) + col / 2] = (uint8_t)v;
+                    const float am = fabsf(lo) > fabsf(hi) ? fabsf(lo) : fabsf(hi);
+                    s = h2f(_cvtss_sh(am / 127.f, _MM_FROUND_TO_NEAREST_INT));
+                    if (!(s > 0.f)) s = 1.f;
+                    z = 0.f;
+                } else if (mode == 1) {
+                    const float a = -lo / 8.f, b = hi / 7.f;
+                    float s32 = a > b ? a : b;
+                    if (!(s32 > 0.f)) s32 = 1.f;
+                    if (s32 < kFp16Tiny) s32 = kFp16Tiny;
+                    s = h2f(_cvtss_sh(s32, _MM_FROUND_TO_NEAREST_INT));
+                    z = 8.f;
                 } else {
-                    q[n * (K / 2) + col / 2] |= (uint8_t)((uint8_t)v << 4);
+                    float s32 = (hi - lo) / 15.f;
+                    if (!(s32 > 0.f)) s32 = 1.f;
+                    if (s32 < kFp16Tiny) s32 = kFp16Tiny;  // a smaller scale would be stored as 0
+                    s = h2f(_cvtss_sh(s32, _MM_FROUND_TO_NEAREST_INT));
+                    z = h2f(_cvtss_sh(-lo / s, _MM_FROUND_TO_NEAREST_INT));
+                    zeros[n * G + gi] = _cvtss_sh(z, _MM_FROUND_TO_NEAREST_INT);
+                }
+                scales[n * G + gi] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+                const float qmin = mode == 2 ? -127.f : 0.f, qmax = mode == 2 ? 127.f : 15.f;
+                for (int64_t k = 0; k < g; ++k) {
+                    float v = nearbyintf(x[k] / s + z);
+                    v = v < qmin ? qmin : (v > qmax ? qmax : v);
+                    const float d = x[k] - (v - z) * s;
+                    err += (double)d * d;
+                    const int64_t col = gi * g + k;
+                    if (mode == 2) {
+                        reinterpret_cast<int8_t*>(q)[n * K + col] = (int8_t)v;
+                    } else if (col % 2 == 0) {
+                        q[n * (K / 2) + col / 2] = (uint8_t)v;
+                    } else {
+                        q[n * (K / 2) + col / 2] |= (uint8_t)((uint8_t)v << 4);
+                    }
                 }
             }
+            total += err;
         }
-        total += err;
+        *sq_err = total;
+    } catch (...) {
+        return on_exception("effnb_quantize_rtn");
     }
-    *sq_err = total;
+    return kOk;
 }
 
 // ------------------------------------------------------------------ nf4 / fp4 quantization
@@ -742,18 +849,25 @@ static inline double encode_block4(const float* w, int64_t k0, int64_t k1, float
 // table index; identity for nf4). Packs element 2i in the HIGH nibble. Also returns the sum of
 // squared errors (w - table[q] * absmax)^2, so the per-layer SNR needs no dequantization.
 // n even; a last, shorter block gets its own absmax (as bitsandbytes does).
-void effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
-                         const float* table, uint8_t* packed, float* absmax, double* sq_err, int nthreads) {
-    const int64_t nblocks = (n + bs - 1) / bs;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
-        const float am = block_absmax(w, k0, k1);
-        absmax[b] = am;
-        total += encode_block4(w, k0, k1, am, bounds, order, table, packed);
+int effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
+                        const float* table, uint8_t* packed, float* absmax, double* sq_err, int nthreads) {
+    EFFNB_REQUIRE(n >= 0 && n % 2 == 0 && bs > 0, "effnb_quantize_4bit");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+        const int64_t nblocks = (n + bs - 1) / bs;
+        double total = 0.0;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
+            const float am = block_absmax(w, k0, k1);
+            absmax[b] = am;
+            total += encode_block4(w, k0, k1, am, bounds, order, table, packed);
+        }
+        *sq_err = total;
+    } catch (...) {
+        return on_exception("effnb_quantize_4bit");
     }
-    *sq_err = total;
+    return kOk;
 }
 
 // ------------------------------------------------------------- hqq on the NF4 grid (scale search)
@@ -763,33 +877,40 @@ void effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* bou
 // effnb_quantize_4bit picks them (bitsandbytes' arithmetic with that scale). A tie keeps the
 // earlier candidate. Writes the codes (bitsandbytes layout), the chosen scales, and the plain
 // (unweighted) squared error. methods.hqq_nf4_reference is the PyTorch reference.
-void effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
-                      const float* table, float alpha, float a_lo, int nsteps, uint8_t* packed, float* scales,
-                      double* sq_err, int nthreads) {
-    const int64_t nblocks = (n + bs - 1) / bs;
-    double total = 0.0;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
-        const float am = block_absmax(w, k0, k1);
-        const float inv_am = safe_inv(am);
-        float best_s = am, best_e = INFINITY;
-        for (int st = 0; st < nsteps; ++st) {
-            const float a = nsteps > 1 ? a_lo + (1.0f - a_lo) * (float)st / (float)(nsteps - 1) : 1.0f;
-            const float s = am * a;
-            const float inv = safe_inv(s);
-            float e = 0.f;
-            for (int64_t k = k0; k < k1; ++k) {
-                const float d = w[k] - table[code4(w[k], inv, bounds, order)] * s;
-                const float r = w[k] * inv_am;
-                e += (1.0f + alpha * r * r) * d * d;
+int effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds, const uint8_t* order,
+                     const float* table, float alpha, float a_lo, int nsteps, uint8_t* packed, float* scales,
+                     double* sq_err, int nthreads) {
+    EFFNB_REQUIRE(n >= 0 && n % 2 == 0 && bs > 0 && nsteps > 0, "effnb_nf4_search");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+        const int64_t nblocks = (n + bs - 1) / bs;
+        double total = 0.0;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
+            const float am = block_absmax(w, k0, k1);
+            const float inv_am = safe_inv(am);
+            float best_s = am, best_e = INFINITY;
+            for (int st = 0; st < nsteps; ++st) {
+                const float a = nsteps > 1 ? a_lo + (1.0f - a_lo) * (float)st / (float)(nsteps - 1) : 1.0f;
+                const float s = am * a;
+                const float inv = safe_inv(s);
+                float e = 0.f;
+                for (int64_t k = k0; k < k1; ++k) {
+                    const float d = w[k] - table[code4(w[k], inv, bounds, order)] * s;
+                    const float r = w[k] * inv_am;
+                    e += (1.0f + alpha * r * r) * d * d;
+                }
+                if (e < best_e) { best_e = e; best_s = s; }
             }
-            if (e < best_e) { best_e = e; best_s = s; }
+            scales[b] = best_s;
+            total += encode_block4(w, k0, k1, best_s, bounds, order, table, packed);
         }
-        scales[b] = best_s;
-        total += encode_block4(w, k0, k1, best_s, bounds, order, table, packed);
+        *sq_err = total;
+    } catch (...) {
+        return on_exception("effnb_nf4_search");
     }
-    *sq_err = total;
+    return kOk;
 }
 
 // -------------------------------------------------------------------------- GPTQ inner loop
@@ -799,25 +920,32 @@ void effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds
 // scales/zeros [N, G] (zeros NULL: constant zconst), column c of the block is in group
 // (c0 + c) / g. Writes codes Q1 [N, B] and scaled errors E1 [N, B] (for the caller's update of
 // the later columns). Rounding is round-half-to-even, as torch.round.
-void effnb_gptq_block(float* W1, int64_t N, int64_t B, const float* Hinv1, const float* scales, const float* zeros,
-                      float zconst, int64_t G, int64_t g, int64_t c0, float qmin, float qmax, float* Q1, float* E1,
-                      int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t n = 0; n < N; ++n) {
-        float* w = W1 + n * B;
-        for (int64_t i = 0; i < B; ++i) {
-            const int64_t gi = (c0 + i) / g;
-            const float s = scales[n * G + gi];
-            const float z = zeros ? zeros[n * G + gi] : zconst;
-            float q = nearbyintf(w[i] / s + z);
-            q = q < qmin ? qmin : (q > qmax ? qmax : q);
-            Q1[n * B + i] = q;
-            const float e = (w[i] - (q - z) * s) / Hinv1[i * B + i];
-            E1[n * B + i] = e;
-            const float* h = Hinv1 + i * B;
-            for (int64_t j = i + 1; j < B; ++j) w[j] -= e * h[j];
+int effnb_gptq_block(float* W1, int64_t N, int64_t B, const float* Hinv1, const float* scales, const float* zeros,
+                     float zconst, int64_t G, int64_t g, int64_t c0, float qmin, float qmax, float* Q1, float* E1,
+                     int nthreads) {
+    EFFNB_REQUIRE(N >= 0 && B >= 0 && g > 0 && G > 0 && c0 >= 0 && c0 + B <= G * g, "effnb_gptq_block");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t n = 0; n < N; ++n) {
+            float* w = W1 + n * B;
+            for (int64_t i = 0; i < B; ++i) {
+                const int64_t gi = (c0 + i) / g;
+                const float s = scales[n * G + gi];
+                const float z = zeros ? zeros[n * G + gi] : zconst;
+                float q = nearbyintf(w[i] / s + z);
+                q = q < qmin ? qmin : (q > qmax ? qmax : q);
+                Q1[n * B + i] = q;
+                const float e = (w[i] - (q - z) * s) / Hinv1[i * B + i];
+                E1[n * B + i] = e;
+                const float* h = Hinv1 + i * B;
+                for (int64_t j = i + 1; j < B; ++j) w[j] -= e * h[j];
+            }
         }
+    } catch (...) {
+        return on_exception("effnb_gptq_block");
     }
+    return kOk;
 }
 
 // ------------------------------------------------------------------------ dequantize (prefill)
@@ -825,76 +953,97 @@ void effnb_gptq_block(float* W1, int64_t N, int64_t B, const float* Hinv1, const
 // fp32 operations, no fused multiply-add), so a prefill or a training step with gradients runs
 // dequantize-here + torch's GEMM with results identical to the reference path, ~10x faster than
 // dequantizing with PyTorch ops. K and g multiples of 32 for int4/int8 (the caller checks).
-void effnb_int4_dequant(const uint8_t* qw, const uint16_t* scales, const uint16_t* zeros, int64_t N, int64_t K,
-                        int64_t g, float* out, int nthreads) {
-    const int64_t G = K / g;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* row = qw + n * (K / 2);
-        float* o = out + n * K;
-        for (int64_t gi = 0; gi < G; ++gi) {
-            const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
-            const __m256 zv = _mm256_set1_ps(zeros ? h2f(zeros[n * G + gi]) : 8.f);
-            for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {
-                __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2));
-                __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-                __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-                __m128i q0 = _mm_unpacklo_epi8(lo, hi), q1 = _mm_unpackhi_epi8(lo, hi);  // columns in order
-                __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
-                for (int j = 0; j < 4; ++j) {
-                    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
-                    _mm256_storeu_ps(o + c + 8 * j, _mm256_mul_ps(_mm256_sub_ps(v, zv), sv));
+int effnb_int4_dequant(const uint8_t* qw, const uint16_t* scales, const uint16_t* zeros, int64_t N, int64_t K,
+                       int64_t g, float* out, int nthreads) {
+    EFFNB_REQUIRE(N >= 0 && K > 0 && g > 0 && K % g == 0 && g % 32 == 0, "effnb_int4_dequant");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+        const int64_t G = K / g;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t n = 0; n < N; ++n) {
+            const uint8_t* row = qw + n * (K / 2);
+            float* o = out + n * K;
+            for (int64_t gi = 0; gi < G; ++gi) {
+                const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
+                const __m256 zv = _mm256_set1_ps(zeros ? h2f(zeros[n * G + gi]) : 8.f);
+                for (int64_t c = gi * g; c < (gi + 1) * g; c += 32) {
+                    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2));
+                    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+                    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+                    __m128i q0 = _mm_unpacklo_epi8(lo, hi), q1 = _mm_unpackhi_epi8(lo, hi);  // columns in order
+                    __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
+                    for (int j = 0; j < 4; ++j) {
+                        __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+                        _mm256_storeu_ps(o + c + 8 * j, _mm256_mul_ps(_mm256_sub_ps(v, zv), sv));
+                    }
                 }
             }
         }
+    } catch (...) {
+        return on_exception("effnb_int4_dequant");
     }
+    return kOk;
 }
 
-void effnb_int8_dequant(const int8_t* qw, const uint16_t* scales, int64_t N, int64_t K, int64_t g, float* out,
-                        int nthreads) {
-    const int64_t G = K / g;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t n = 0; n < N; ++n) {
-        for (int64_t gi = 0; gi < G; ++gi) {
-            const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
-            for (int64_t c = gi * g; c < (gi + 1) * g; c += 8) {
-                __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qw + n * K + c));
-                _mm256_storeu_ps(out + n * K + c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sv));
+int effnb_int8_dequant(const int8_t* qw, const uint16_t* scales, int64_t N, int64_t K, int64_t g, float* out,
+                       int nthreads) {
+    EFFNB_REQUIRE(N >= 0 && K > 0 && g > 0 && K % g == 0 && g % 8 == 0, "effnb_int8_dequant");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+        const int64_t G = K / g;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t n = 0; n < N; ++n) {
+            for (int64_t gi = 0; gi < G; ++gi) {
+                const __m256 sv = _mm256_set1_ps(h2f(scales[n * G + gi]));
+                for (int64_t c = gi * g; c < (gi + 1) * g; c += 8) {
+                    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qw + n * K + c));
+                    _mm256_storeu_ps(out + n * K + c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sv));
+                }
             }
         }
+    } catch (...) {
+        return on_exception("effnb_int8_dequant");
     }
+    return kOk;
 }
 
 // nf4/fp4 in bitsandbytes' flat layout (element 2i in the HIGH nibble); absmax fp32 per block of
 // bs elements (the caller undoes double quantization first: a few thousand values).
-void effnb_lut4_dequant(const uint8_t* qw, const float* absmax, int64_t n, int64_t bs, const float* table,
-                        float* out, int nthreads) {
-    const int64_t nblocks = (n + bs - 1) / bs;
-    const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
-        const float am = absmax[b];
-        const __m256 av = _mm256_set1_ps(am);
-        int64_t k = k0;
-        if (k0 % 2 == 0) {
-            for (; k + 32 <= k1; k += 32) {
-                __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qw + k / 2));
-                __m128i lo = _mm_and_si128(by, _mm_set1_epi8(0x0F));
-                __m128i hi = _mm_and_si128(_mm_srli_epi16(by, 4), _mm_set1_epi8(0x0F));
-                __m128i q0 = _mm_unpacklo_epi8(hi, lo), q1 = _mm_unpackhi_epi8(hi, lo);
-                __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
-                for (int j = 0; j < 4; ++j) {
-                    __m256 v = lut16(_mm256_cvtepu8_epi32(parts[j]), tlo, thi);
-                    _mm256_storeu_ps(out + k + 8 * j, _mm256_mul_ps(v, av));
+int effnb_lut4_dequant(const uint8_t* qw, const float* absmax, int64_t n, int64_t bs, const float* table,
+                       float* out, int nthreads) {
+    EFFNB_REQUIRE(n >= 0 && bs > 0, "effnb_lut4_dequant");
+    nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
+    try {
+        const int64_t nblocks = (n + bs - 1) / bs;
+        const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t b = 0; b < nblocks; ++b) {
+            const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
+            const float am = absmax[b];
+            const __m256 av = _mm256_set1_ps(am);
+            int64_t k = k0;
+            if (k0 % 2 == 0) {
+                for (; k + 32 <= k1; k += 32) {
+                    __m128i by = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qw + k / 2));
+                    __m128i lo = _mm_and_si128(by, _mm_set1_epi8(0x0F));
+                    __m128i hi = _mm_and_si128(_mm_srli_epi16(by, 4), _mm_set1_epi8(0x0F));
+                    __m128i q0 = _mm_unpacklo_epi8(hi, lo), q1 = _mm_unpackhi_epi8(hi, lo);
+                    __m128i parts[4] = {q0, _mm_srli_si128(q0, 8), q1, _mm_srli_si128(q1, 8)};
+                    for (int j = 0; j < 4; ++j) {
+                        __m256 v = lut16(_mm256_cvtepu8_epi32(parts[j]), tlo, thi);
+                        _mm256_storeu_ps(out + k + 8 * j, _mm256_mul_ps(v, av));
+                    }
                 }
             }
+            for (; k < k1; ++k) {
+                const uint8_t byte = qw[k / 2];
+                out[k] = table[(k % 2) ? (byte & 0x0F) : (byte >> 4)] * am;
+            }
         }
-        for (; k < k1; ++k) {
-            const uint8_t byte = qw[k / 2];
-            out[k] = table[(k % 2) ? (byte & 0x0F) : (byte >> 4)] * am;
-        }
+    } catch (...) {
+        return on_exception("effnb_lut4_dequant");
     }
+    return kOk;
 }
 
 }  // extern "C"

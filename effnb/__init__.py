@@ -42,16 +42,17 @@ _LAZY: dict[str, str] = {
     "merge": "effnb.lora.api:merge",
     "moe": "effnb.moe.api:moe",
     "moe_stats": "effnb.moe.api:moe_stats",
+    "export": "effnb.export.api:export",
 }
 
-_SUBMODULES = {"data", "measure", "models", "report", "commands", "magics", "cli", "quant", "lora", "moe",
+_SUBMODULES = {"data", "measure", "models", "report", "commands", "magics", "cli", "quant", "lora", "moe", "export",
                "exercises", "widgets", "kernels"}
 
-# ``effnb.lora`` and ``effnb.moe`` name both a function and a subpackage. Importing the subpackage
+# ``effnb.lora``, ``effnb.moe`` and ``effnb.export`` name both a function and a subpackage. Importing the subpackage
 # makes Python bind the module to that attribute, which would hide the function. So the
 # subpackage itself is made callable (calling it calls the function), and both spellings work:
 # ``effnb.moe(model, experts=8)`` and ``effnb.moe.moe_stats(...)`` / ``from effnb.moe import ...``.
-_CALLABLE_PACKAGES = {"lora": "effnb.lora.api:lora", "moe": "effnb.moe.api:moe"}
+_CALLABLE_PACKAGES = {"lora": "effnb.lora.api:lora", "moe": "effnb.moe.api:moe", "export": "effnb.export.api:export"}
 
 
 class _CallablePackage(types.ModuleType):

@@ -30,7 +30,7 @@ from typing import Any
 
 # Modules that register commands when imported (light: no torch at import time).
 _COMMAND_MODULES = ("effnb.measure.command", "effnb.quant.command", "effnb.lora.command", "effnb.moe.command",
-                    "effnb.widgets.command")
+                    "effnb.export.command", "effnb.widgets.command")
 
 
 class CommandError(ValueError):

@@ -279,3 +279,21 @@ def test_hqq_nf4_grid_compiled_equals_reference_and_beats_plain_nf4():
 
     assert torch.all(werr(deq) <= werr(plain) * (1 + 1e-5))
     assert werr(deq).sum() < 0.95 * werr(plain).sum()
+
+
+@pytest.mark.parametrize("method", ["nf4", "int4", "int8"])
+def test_casting_a_quantized_model_keeps_its_stored_tensors(method):
+    import effnb
+
+    model = effnb.load_model("tiny-llama")
+    q = effnb.quantize(model, method=method, measure=False).model
+    before = {n: b.clone() for n, b in q.named_buffers() if ".mlp." in n}
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = q(ids).logits
+        out = q.to(torch.bfloat16)(ids).logits.float()
+    for n, b in q.named_buffers():
+        if n in before:  # codes, scales, statistics: same dtype, same bytes
+            assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, f"{method}: bf16 model differs from fp32 by {rel:.3g}"

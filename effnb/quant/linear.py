@@ -119,6 +119,21 @@ class QuantLinear(nn.Module):
         self._calls: Counter = Counter()
         self._fast_count = [0]  # a list, so counting skips nn.Module.__setattr__ (~2 us a call)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(dtype)`` / ``.half()`` / ``.to(device)`` on a quantized model: the stored tensors
+        (codes, scales, zeros, statistics) keep their dtypes and only move device. Cast with the rest,
+        the fp32 statistics of nf4/fp4 would break the CPU kernels' contract and fp16 scales would be
+        rounded to bf16; the bias follows the model's dtype as any parameter does."""
+        stored = {n: self._buffers.pop(n) for n in _BUFFERS[self.fmt] if self._buffers.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in stored.items():
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        self._fast = None  # pointers into the old tensors must not be reused
+        return self
+
     @property
     def backend(self) -> str:
         return self._backend

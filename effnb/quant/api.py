@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import sys
 import time
@@ -24,13 +25,32 @@ log = logging.getLogger(__name__)
 def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     """Quantize ``model``'s Linear layers; returns a Result (new model + before/after report).
 
-    See ``QuantConfig`` for the options (method, bits, group_size, symmetric, double_quant,
-    include/exclude, quantize_lm_head, backend, calibration..., inplace, measure).
+    ``model``: an ``nn.Module``, an embedded name, a folder, or a hub id in the local cache. With
+    ``save_to`` and a checkpoint folder (or cached hub id), the checkpoint is streamed tensor by
+    tensor and never loaded whole (``effnb.quant.stream``). See ``QuantConfig`` for the options
+    (method, bits, group_size, symmetric, double_quant, include/exclude, quantize_lm_head, backend,
+    calibration..., inplace, measure, save_to).
     """
     cfg = QuantConfig.from_kwargs(method=method, **options)
-    from ..models import check_model
+    if isinstance(model, (str, os.PathLike)) and cfg.save_to is not None:
+        from .stream import checkpoint_folder, quantize_checkpoint, refuse_writing_into
 
-    check_model(model)
+        refuse_writing_into(model, cfg.save_to)
+        folder = checkpoint_folder(model)
+        if folder is not None:
+            return quantize_checkpoint(folder, cfg, name=name)
+    from ..models import resolve_model
+
+    model = resolve_model(model)
+    res = _quantize_module(model, cfg, name)
+    if cfg.save_to is not None:
+        from .serialize import save
+
+        save(res.model, cfg.save_to)
+    return res
+
+
+def _quantize_module(model, cfg: QuantConfig, name: str | None):
     t0 = time.perf_counter()
     targets = select_layers(model, cfg)
     from ..moe.quant import prepare_moe  # effnb MoE blocks: experts quantized one by one, routers kept
@@ -38,27 +58,66 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     targets, finish_moe = prepare_moe(model, targets, cfg)
     from ..measure.memory import trim_heap
 
-    hessians = _calibrate(model, targets, cfg) if cfg.method == "gptq" else {}
-    trim_heap()  # the calibration's activations
-    new_layers, layer_stats = {}, []
+    cache: dict = {}  # per call: concurrent calls share nothing
+    note = None
     try:
-        for i, (lname, module) in enumerate(targets.items(), start=1):
-            new, stats = _quantize_layer(lname, module, cfg, hessians.pop(lname, None))
-            new_layers[lname] = new
-            layer_stats.append(stats)
-            if i % 32 == 0:
-                trim_heap()  # each layer frees a few layer-sized temporaries: keep the resident set near what is live
+        if cfg.method == "gptq":
+            new_layers, layer_stats, note = _gptq(model, targets, cfg, cache)
+        else:
+            new_layers, layer_stats = {}, []
+            for i, (lname, module) in enumerate(targets.items(), start=1):
+                new, stats = _quantize_layer(lname, module, cfg, None, cache)
+                new_layers[lname] = new
+                layer_stats.append(stats)
+                if i % 32 == 0:
+                    trim_heap()  # each layer frees a few layer-sized temporaries: keep the resident set near what is live
     finally:
-        _FACTOR_CACHE.clear()
-        hessians.clear()
+        cache.clear()
         trim_heap()
     qmodel = model if cfg.inplace else _copy_without(model, targets, share=cfg.share_unquantized)
     _swap(qmodel, new_layers)
     layer_stats += finish_moe(qmodel)
-    quant_s = time.perf_counter() - t0
+    return finish_result(model, qmodel, cfg, layer_stats, time.perf_counter() - t0, name, note)
+
+
+def finish_result(original, qmodel, cfg: QuantConfig, layer_stats: list, quant_s: float, name, calibration):
+    """The Result (report measured by ``build_result``), with how gptq calibrated under ``calibration``."""
     from .report import build_result
 
-    return build_result(model, qmodel, cfg, layer_stats, quant_s, name=name)  # measuring trims after each model
+    res = build_result(original, qmodel, cfg, layer_stats, quant_s, name=name)  # measuring trims after each model
+    if calibration is not None:
+        res.details["calibration"] = calibration
+        res.report.rows[-1].setdefault("extra", {})["calibration"] = calibration
+    return res
+
+
+def _gptq(model, targets: dict, cfg: QuantConfig, cache: dict):
+    """GPTQ: block by block where the model has decoder blocks, else the whole model at once.
+
+    Returns ({name: new layer}, [stats], how it calibrated)."""
+    from ..models import model_kind
+    from . import calibrate
+
+    def quantize_one(lname, module, hessian):
+        return _quantize_layer(lname, module, cfg, hessian, cache)
+
+    if model_kind(model) == "module":
+        batches, note = None, "the model's example inputs (not a language model)"
+    else:
+        batches, note = calibrate.calibration_batches(model, cfg)
+    path = calibrate.find_blocks(model, targets)
+    if path is not None:
+        inputs = calibrate.capture_block_inputs(model, path, batches)
+        new_layers, stats = calibrate.gptq_by_block(model, path, targets, inputs, quantize_one)
+        log.info("gptq: calibrated block by block on %s", note)
+        return new_layers, stats, note + ", block by block"
+    hessians = calibrate.whole_model_hessians(model, targets, batches)
+    new_layers, stats = {}, []
+    for lname, module in targets.items():
+        new_layers[lname], st = quantize_one(lname, module, hessians.pop(lname))
+        stats.append(st)
+    log.info("gptq: calibrated on %s, whole model", note)
+    return new_layers, stats, note + ", whole model"
 
 
 # ------------------------------------------------------------------------------ layer selection
@@ -157,10 +216,9 @@ def _weight_nk(m):
 # --------------------------------------------------------------------------------- quantization
 
 
-_FACTOR_CACHE: dict = {}
-
-
-def _quantize_layer(lname: str, m, cfg: QuantConfig, hessian):
+def _quantize_layer(lname: str, m, cfg: QuantConfig, hessian, cache: dict | None = None):
+    """(new layer, its stats). ``cache``: the caller's, where gptq keeps the factorisation of the last
+    Hessian (q/k/v and gate/up share one)."""
     from . import methods
     from .linear import QuantLinear
 
@@ -172,10 +230,11 @@ def _quantize_layer(lname: str, m, cfg: QuantConfig, hessian):
     elif cfg.method == "hqq":
         tensors = methods.hqq(w, cfg.bits, cfg.group_size, iters=cfg.hqq_iters, symmetric=cfg.symmetric)
     elif cfg.method == "gptq":
-        if _FACTOR_CACHE.get("id") != id(hessian):  # q/k/v and gate/up share one factorisation
-            _FACTOR_CACHE.update(id=id(hessian), factor=methods.gptq_inverse_factor(hessian, cfg.gptq_damp))
+        cache = {} if cache is None else cache
+        if cache.get("hessian") is not hessian:  # q/k/v and gate/up share one factorisation
+            cache.update(hessian=hessian, factor=methods.gptq_inverse_factor(hessian, cfg.gptq_damp))
         tensors = methods.gptq(w, hessian, cfg.bits, cfg.group_size, damp=cfg.gptq_damp, symmetric=cfg.symmetric,
-                               factor=_FACTOR_CACHE["factor"])
+                               factor=cache["factor"])
     elif cfg.method == "llm.int8":
         tensors = None
     else:
@@ -240,74 +299,6 @@ def _bnb_dequant(m):
     from .bnb import dequantize_bnb
 
     return dequantize_bnb(m)
-
-
-def _calibrate(model, targets: dict, cfg: QuantConfig) -> dict:
-    """Hessians H = X^T X of each target layer's inputs over the calibration text (hooks removed after)."""
-    import torch
-
-    from .. import data
-    from ..models import tokenizer_for
-
-    tok = tokenizer_for(model)
-    if cfg.calibration is None:
-        texts = data.calibration_texts(100_000)  # all of it; cut to samples x tokens below
-    else:
-        texts = [data.resolve_text(cfg.calibration)]
-    ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0]
-    if ids.numel() < cfg.calibration_tokens:
-        raise ValueError(f"calibration text has only {ids.numel()} tokens; gptq needs at least "
-                         f"calibration_tokens={cfg.calibration_tokens}")
-    n_seq = min(cfg.calibration_samples, ids.numel() // cfg.calibration_tokens)
-    batches = ids[: n_seq * cfg.calibration_tokens].reshape(n_seq, cfg.calibration_tokens)
-    hess: dict = {}
-    # Layers fed the very same input tensor (q/k/v, gate/up) share one Hessian: computed once,
-    # stored once, factorised once.
-    alias: dict[str, str] = {}
-    last: dict = {"x": None, "name": None}
-
-    def hook(lname):
-        def fn(_mod, args):
-            x_in = args[0]
-            if lname in alias:
-                return
-            if last["x"] is x_in and last["name"] != lname and lname not in hess:
-                alias[lname] = last["name"]
-                return
-            last["x"], last["name"] = x_in, lname
-            x = x_in.detach().reshape(-1, x_in.shape[-1]).float()
-            if lname not in hess:
-                hess[lname] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
-            hess[lname].addmm_(x.t(), x)
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(lname)) for lname, m in targets.items()]
-    device = next(model.parameters()).device
-    # The output head of a causal LM is ~20% of SmolLM2's forward FLOPs: when it is not quantized,
-    # run the base model only (same inputs reach every target layer).
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(model, "base_model", model)
-    runner = base if head is not None and base is not model and not any(m is head for m in targets.values()) \
-        else model
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for i in range(0, n_seq, 4):
-                runner(input_ids=batches[i:i + 4].to(device))
-    finally:
-        last["x"] = None
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    for lname, src in alias.items():
-        hess[lname] = hess[src]
-    missing = [n for n in targets if n not in hess]
-    if missing:
-        raise ValueError(f"gptq: layer {missing[0]!r} never ran on the calibration text, so it has no Hessian; "
-                         "exclude it or use a calibration-free method (hqq)")
-    log.info("gptq: calibrated on %d sequences of %d tokens", n_seq, cfg.calibration_tokens)
-    return hess
 
 
 # ------------------------------------------------------------------------------------- swapping

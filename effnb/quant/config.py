@@ -77,12 +77,22 @@ class QuantConfig:
                 "both models"})
     measure: bool = field(default=True, metadata={
         "help": "measure speed and quality before and after (off: sizes and per-layer SNR only)"})
+    save_to: str | None = field(default=None, metadata={
+        "help": "also write the quantized model to this folder (effnb.save); given a checkpoint folder or a cached "
+                "hub id, quantize streams it tensor by tensor, for models larger than memory (measuring "
+                "still loads the original: add --no-measure to keep memory at the quantized model's size)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method.lower() not in METHODS:
             raise ValueError(f"unknown quantization method {self.method!r}{_did_you_mean(self.method, METHODS)} "
                              f"(methods: {', '.join(METHODS)})")
         self.method = self.method.lower()
+        sizes = BNB_BLOCKSIZES if self.method in ("nf4", "fp4") else (*GROUP_SIZES, 0)
+        for name, allowed in (("bits", METHOD_BITS[self.method]), ("group_size", sizes)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__}); "
+                                f"{self.method} takes {', '.join(map(str, allowed))}")
         allowed_bits = METHOD_BITS[self.method]
         if self.bits is None:
             self.bits = allowed_bits[0]
@@ -123,6 +133,17 @@ class QuantConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (0 <= float(self.gptq_damp) < 1):
             raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp!r}")
+        if isinstance(self.llm_int8_threshold, bool) or not isinstance(self.llm_int8_threshold, (int, float)):
+            raise TypeError(f"llm_int8_threshold must be a number, got {self.llm_int8_threshold!r}")
+        if not self.llm_int8_threshold >= 0:
+            raise ValueError(f"llm_int8_threshold must be >= 0 (0 = no outlier columns), got {self.llm_int8_threshold!r}")
+        if self.save_to is not None:
+            import os
+
+            if not isinstance(self.save_to, (str, os.PathLike)) or not str(self.save_to).strip():
+                raise TypeError(f"save_to must be a folder path, got {self.save_to!r}")
+            if self.inplace:
+                raise ValueError("save_to writes a new model; it cannot be combined with inplace=True")
         for name in ("include", "exclude"):
             v = getattr(self, name)
             if isinstance(v, str):

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.output is not None and cmd.makes_model is False:
             raise _commands.CommandError(_no_model(cmd))
         out_dir = _commands.check_output_dir(ns.output) if ns.output is not None else None
-        result = _commands.run(cmd, ns, _resolve)
+        # quantize --save-to streams a checkpoint folder: the API gets the path, not a loaded model
+        streams = cmd.name == "quantize" and getattr(ns, "save_to", None)
+        result = _commands.run(cmd, ns, (lambda token: token) if streams else _resolve)
     except _commands.CommandError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

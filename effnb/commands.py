@@ -218,7 +218,8 @@ def run(cmd: Command, ns: argparse.Namespace, resolve_model: Callable[[str], Any
         check_options(cmd, ns)  # a bad option is refused before any model is loaded
         models = [resolve_model(t) for t in tokens]
         for token, model in zip(tokens, models):
-            check_loaded(model, token)
+            if not isinstance(model, str):  # a name passed through: the API resolves (or streams) it
+                check_loaded(model, token)
     fn = cmd.function()
     kwargs = api_kwargs(ns)
     params = inspect.signature(fn).parameters

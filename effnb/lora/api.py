@@ -519,7 +519,7 @@ def save_adapter(model, path, adapter_name: str | None = None) -> str:
     out = Path(path).expanduser()
     import sys
 
-    if "bitsandbytes" in sys.modules:  # PEFT reads state_dict(): bitsandbytes' CPU layout must not leak into it
+    if sys.modules.get("bitsandbytes") is not None:  # PEFT reads state_dict(): bitsandbytes' CPU layout must not leak into it
         from ..quant.bnb import guard_layout
 
         guard_layout(model)

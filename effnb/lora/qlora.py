@@ -156,7 +156,7 @@ def bnb_layers_for_training(model) -> int:
     many layers changed. Imports nothing when bitsandbytes is not loaded (then there are none)."""
     import sys
 
-    if "bitsandbytes" not in sys.modules:
+    if sys.modules.get("bitsandbytes") is None:  # not loaded, or blocked (sys.modules entry None)
         return 0
     from ..quant.bnb import restore_layout
 

@@ -47,6 +47,9 @@ class EfficientMagics(Magics):
                                          f"embedded model ({', '.join(EMBEDDED_MODELS)})")
         raise _commands.CommandError(unknown_model_message(token))
 
+    def _variable_or_name(self, token: str):
+        return self._resolve_model(token) if token in self.shell.user_ns else token
+
     @line_magic
     def efficient(self, line: str):
         """Efficiency in one line. ``%efficient help`` lists the commands."""
@@ -68,7 +71,11 @@ class EfficientMagics(Magics):
             if ns.output is not None and not ns.output.isidentifier():  # checked before the work, not after
                 raise _commands.CommandError(f"-o needs a Python variable name, got {ns.output!r}")
             json_path = _commands.check_output_file(ns.json) if ns.json is not None else None
-            result = _commands.run(cmd, ns, self._resolve_model)
+            # quantize --save-to streams a checkpoint folder: a name that is not a notebook variable is
+            # passed to the API as it is (a folder is then never loaded whole)
+            streams = cmd.name == "quantize" and getattr(ns, "save_to", None)
+            resolve = self._variable_or_name if streams else self._resolve_model
+            result = _commands.run(cmd, ns, resolve)
         except _commands.CommandError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:

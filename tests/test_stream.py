@@ -214,3 +214,22 @@ def test_streaming_peak_memory_stays_near_the_quantized_size(ckpt, tmp_path):
     print(f"grew {grew / 2**20:.1f} MB, quantized {quantized / 2**20:.1f} MB, fp16 {fp16 / 2**20:.1f} MB")
     assert grew <= quantized + 2 * largest_fp32 + 48 * 2**20, (grew, quantized)
     assert grew < 0.6 * fp16, (grew, fp16)
+
+
+def test_magic_and_cli_stream_a_folder(ip, tmp_path, monkeypatch):
+    """`--save-to` with a folder name streams it: the model is never loaded whole (load_model never runs)."""
+    import effnb.models
+    from effnb import cli
+
+    src = tmp_path / "src"
+    effnb.load_model("tiny-llama").save_pretrained(src)
+    calls = []
+    real = effnb.models.load_model
+    monkeypatch.setattr(effnb.models, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    ip.run_line_magic("efficient", f"quantize {src} --method int8 --save-to {tmp_path / 'q1'} --no-measure -q")
+    assert cli.main(["quantize", str(src), "--method", "int8", "--save-to", str(tmp_path / "q2"), "--no-measure",
+                     "-q"]) == 0
+    assert not calls, f"the folder was loaded whole: {calls}"
+    a, b = effnb.load(tmp_path / "q1"), effnb.load(tmp_path / "q2")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -459,12 +459,10 @@ def _check_inputs(model, n: int) -> dict:
 def _logits(model, inputs):
     import torch
 
-    from ..measure.agreement import call_model, output_tensor
+    from ..measure.agreement import call_model, output_tensor, to_device
     from .train import device_of
 
-    device = device_of(model)
-    moved = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else \
-        tuple(v.to(device) for v in inputs) if isinstance(inputs, (tuple, list)) else inputs.to(device)
+    moved = to_device(inputs, device_of(model))
     was = model.training
     model.eval()
     try:

@@ -25,6 +25,19 @@ def call_model(model, inputs):
     return model(inputs)
 
 
+def to_device(inputs, device):
+    """``inputs`` (a tensor, or a tuple/list/dict of them) on ``device``; anything else as it is."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
 def output_tensor(out):
     """The main tensor of a model's output: logits, last hidden state, or the first tensor found."""
     import torch

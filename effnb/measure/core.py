@@ -67,6 +67,7 @@ def _window(model, cfg: AuditConfig) -> int:
 
 def _subject(model, name: str, cfg: AuditConfig, example_inputs=None) -> _Subject:
     from ..models import find_tokenizer, model_kind
+    from .agreement import to_device
     from .inputs import fixed_token_ids, token_ids_for
 
     kind = model_kind(model)
@@ -77,7 +78,7 @@ def _subject(model, name: str, cfg: AuditConfig, example_inputs=None) -> _Subjec
     device = _device_of(model)
     if kind == "module":
         given = _module_inputs(model, example_inputs)
-        return _Subject(model, name, kind, None, _to_device(given.inputs, device), given.note)
+        return _Subject(model, name, kind, None, to_device(given.inputs, device), given.note)
     if tok is None:
         ids, note = fixed_token_ids(model, cfg.prompt_tokens), f"{cfg.prompt_tokens} fixed token ids (no tokenizer)"
     else:
@@ -106,18 +107,6 @@ class _Given:
 
     inputs: object
     note: str
-
-
-def _to_device(inputs, device):
-    import torch
-
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(v, device) for v in inputs)
-    return inputs
 
 
 def _quality(s: _Subject, cfg: AuditConfig, reference: _Subject | None) -> tuple[dict, object]:

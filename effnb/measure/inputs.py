@@ -55,25 +55,18 @@ def fixed_token_ids(model, n: int, *, seed: int = FIXED_SEED):
     return torch.randint(low, vocab, (n,), generator=gen, dtype=torch.long)
 
 
-def text_token_ids(tokenizer, text) -> object:
-    """All token ids of ``text`` (None: the built-in evaluation text) as a 1-D LongTensor."""
-    import torch
-
-    ids = tokenizer(_data.resolve_text(text), add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def token_ids_for(model, n: int, text=None):
     """([n] token ids, how they were made): the tokenizer's on ``text`` if the model has one, else fixed ids.
 
     Short texts are repeated to reach ``n``; the second value says which it was, for the report.
     """
     from ..models import find_tokenizer
+    from .quality import token_ids
 
     tok = find_tokenizer(model)
     if tok is None:
         return fixed_token_ids(model, n), f"{n} fixed token ids (seed {FIXED_SEED}; no tokenizer)"
-    ids = text_token_ids(tok, text)
+    ids = token_ids(tok, _data.resolve_text(text))
     if ids.numel() == 0:
         raise ValueError("the text gives no tokens")
     while ids.numel() < n:

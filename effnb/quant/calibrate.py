@@ -297,6 +297,8 @@ def whole_model_hessians(model, targets: dict, batches: torch.Tensor | None) -> 
 
     view = module_view(model)
     mods = {n: view.get_submodule(n) for n in targets}
+    from ..measure.agreement import call_model, to_device
+
     hooks = HessianHooks(mods)
     device = _device(model)
     # The output head of a causal LM is ~20% of SmolLM2's forward FLOPs: when it is not a target, run
@@ -313,21 +315,13 @@ def whole_model_hessians(model, targets: dict, batches: torch.Tensor | None) -> 
                 if inputs is None:
                     raise ValueError(f"gptq needs calibration inputs for this {type(model).__name__} ({why}); "
                                      "attach them with effnb.attach_example_inputs(model, inputs)")
-                _call(runner, inputs, device)
+                call_model(runner, to_device(inputs, device))
             else:
                 for i in range(0, batches.shape[0], BATCH):
                     runner(input_ids=batches[i:i + BATCH].to(device))
     finally:
         hooks.remove()
     return hooks.result(targets)
-
-
-def _call(module, inputs, device):
-    if isinstance(inputs, dict):
-        return module(**{k: v.to(device) for k, v in inputs.items()})
-    if isinstance(inputs, (tuple, list)):
-        return module(*(t.to(device) for t in inputs))
-    return module(inputs.to(device))
 
 
 def _device(model):

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..quant.serialize import quant_layers, swap_in
 from .config import ExportConfig
 
 
@@ -74,13 +75,6 @@ def check_plain(model) -> None:
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("the model has LoRA adapters that are not merged; merge them first (effnb.merge(model)) "
                          "and export the merged model")
-
-
-def quant_layers(model) -> dict:
-    """effnb's quantized layers by module name."""
-    from ..quant.linear import QuantLinear
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def float_state(model, skip_prefixes) -> dict:
@@ -143,18 +137,10 @@ def check_target(path: str, folder: bool) -> None:
 def move_into_place(tmp: str, path: str) -> None:
     """Rename ``tmp`` to ``path``; an existing target (``overwrite``) is replaced, never left half-written."""
     check_target(path, folder=os.path.isdir(tmp))
-    if os.path.isdir(path) and not os.path.islink(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.effnb-old-", dir=os.path.dirname(os.path.abspath(path)))
-        os.rmdir(old)
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(tmp):
+        swap_in(Path(tmp), Path(path))  # the same folder swap as effnb.save
         return
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # a single file: one rename replaces it atomically
 
 
 def size_of(path: str) -> int:

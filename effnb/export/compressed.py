@@ -23,7 +23,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .api import ExportResult, discard, float_state, move_into_place, quant_layers, size_of, temp_beside
+from ..quant.serialize import quant_layers
+from .api import ExportResult, discard, float_state, move_into_place, size_of, temp_beside
 
 CHOICES = ("quantize(method='int4', symmetric=True, group_size=32/64/128/256) -> 4-bit pack-quantized; "
            "quantize(method='int8', group_size=32/64/128/256 or 0 = per channel) -> 8-bit; gptq with "

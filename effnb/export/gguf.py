@@ -22,7 +22,8 @@ import os
 import sys
 from collections import Counter
 
-from .api import ExportResult, discard, float_state, move_into_place, quant_layers, size_of, temp_beside
+from ..quant.serialize import quant_layers
+from .api import ExportResult, discard, float_state, move_into_place, size_of, temp_beside
 
 BLOCK = 32
 CHOICES = ("quantize(method='int8', group_size=32) -> Q8_0; quantize(method='int4', group_size=32, symmetric=True) "

@@ -46,7 +46,8 @@ _LOAD_BACKENDS = ("auto", "reference", "cpu", "cuda")  # what a QuantLinear can 
 _save_hook = None  # tests only: called with each stage's name during a save (the kill tests)
 
 
-def _quant_layers(model) -> dict:
+def quant_layers(model) -> dict:
+    """effnb's quantized layers (``QuantLinear``) by module name."""
     from .linear import QuantLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -73,7 +74,7 @@ def save(model, path) -> Path:
     _check_target(path)
     state, tied = _state(model)
     meta = {"format": FORMAT, "version": VERSION, "class": type(model).__name__, "tied": tied,
-            "layers": {n: m.config_dict() for n, m in _quant_layers(model).items()},
+            "layers": {n: m.config_dict() for n, m in quant_layers(model).items()},
             "checksums": {k: digest(t) for k, t in state.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     _stage("begin")
@@ -82,7 +83,7 @@ def save(model, path) -> Path:
     try:
         _stage("tmp-created")
         _write(tmp, model, state, meta)
-        _swap(tmp, path)
+        swap_in(tmp, path)
     finally:
         if tmp.exists():  # the save failed before the swap: the target was never touched
             shutil.rmtree(tmp)
@@ -153,7 +154,11 @@ def _fsync(p: Path) -> None:
         os.close(fd)
 
 
-def _swap(tmp: Path, path: Path) -> None:
+def swap_in(tmp: Path, path: Path) -> None:
+    """Put the finished folder ``tmp`` at ``path`` by rename: an existing ``path`` is moved aside first and
+    removed only after the new one is in place, so a kill at any moment leaves one complete folder there
+    (a backup left by a kill is put back by the next ``save``/``load`` of ``path``). Used by exports too."""
+    tmp, path = Path(tmp), Path(path)
     old = None
     if path.exists():
         old = path.parent / f".{path.name}{_OLD}{os.getpid()}-{secrets.token_hex(4)}"
@@ -273,7 +278,7 @@ def export_bitsandbytes(model, path) -> Path:
         quant_state,
     )
 
-    layers = _quant_layers(model)
+    layers = quant_layers(model)
     if not layers:
         raise ValueError("model has no effnb quantized layers to export; quantize it with nf4, fp4 or int8 first")
     fmts = {m.fmt for m in layers.values()}
@@ -283,7 +288,7 @@ def export_bitsandbytes(model, path) -> Path:
 
     out = copy.deepcopy(model)
     first = next(iter(layers.values()))
-    for lname, m in _quant_layers(out).items():
+    for lname, m in quant_layers(out).items():
         dtype = torch.float32
         if m.fmt == "int8":
             if m.group_size != m.in_features:

@@ -77,18 +77,9 @@ def _quantize_module(model, cfg: QuantConfig, name: str | None):
     qmodel = model if cfg.inplace else _copy_without(model, targets, share=cfg.share_unquantized)
     _swap(qmodel, new_layers)
     layer_stats += finish_moe(qmodel)
-    return finish_result(model, qmodel, cfg, layer_stats, time.perf_counter() - t0, name, note)
-
-
-def finish_result(original, qmodel, cfg: QuantConfig, layer_stats: list, quant_s: float, name, calibration):
-    """The Result (report measured by ``build_result``), with how gptq calibrated under ``calibration``."""
     from .report import build_result
 
-    res = build_result(original, qmodel, cfg, layer_stats, quant_s, name=name)  # measuring trims after each model
-    if calibration is not None:
-        res.details["calibration"] = calibration
-        res.report.rows[-1].setdefault("extra", {})["calibration"] = calibration
-    return res
+    return build_result(model, qmodel, cfg, layer_stats, time.perf_counter() - t0, name=name, calibration=note)
 
 
 def _gptq(model, targets: dict, cfg: QuantConfig, cache: dict):

@@ -42,7 +42,9 @@ def _backend_text(calls: dict, measured: bool) -> str:
 
 
 def build_result(original, qmodel, cfg: QuantConfig, layer_stats: list[dict], quant_s: float,
-                 name: str | None = None):
+                 name: str | None = None, calibration: str | None = None):
+    """The Result: before/after report (measured unless ``cfg.measure`` is off) plus quantization specifics;
+    ``calibration`` says how gptq calibrated (in the row's extra and the details)."""
     from .. import measure
     from ..models import model_name
     from ..report import Result
@@ -84,9 +86,13 @@ def build_result(original, qmodel, cfg: QuantConfig, layer_stats: list[dict], qu
         "snr_db_min": worst[0]["snr_db"] if worst else math.inf,
         "worst_layers": [{"name": s["name"], "snr_db": s["snr_db"]} for s in worst],
     }
+    if calibration is not None:
+        extra["calibration"] = calibration
     report.rows[1].setdefault("extra", {}).update(extra)
     details = {"config": extra["config"], "layers": layer_stats, "worst_layers": extra["worst_layers"],
                "quantize_wall_s": quant_s, "backend": extra["backend"]}
+    if calibration is not None:
+        details["calibration"] = calibration
     return Result(qmodel, report, details=details, figures=[lambda: snr_heatmap(layer_stats, qname)])
 
 

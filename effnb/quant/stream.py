@@ -231,7 +231,8 @@ class _Loader:
 def quantize_checkpoint(folder: Path, cfg, name: str | None = None):
     """Stream ``folder`` into a quantized model, write it to ``cfg.save_to``; returns the Result."""
     from ..measure.memory import trim_heap
-    from .api import _quantize_layer, finish_result, select_layers
+    from .api import _quantize_layer, select_layers
+    from .report import build_result
     from .serialize import save
 
     _check_streamable(folder, cfg)
@@ -263,7 +264,7 @@ def quantize_checkpoint(folder: Path, cfg, name: str | None = None):
     find_tokenizer(model)  # found beside the checkpoint: attached, so save writes it
     save(model, cfg.save_to)
     original = _original(folder, model, cfg)
-    return finish_result(original, model, cfg, stats, quant_s, name or folder.name, note)
+    return build_result(original, model, cfg, stats, quant_s, name=name or folder.name, calibration=note)
 
 
 def _check_streamable(folder: Path, cfg) -> None:

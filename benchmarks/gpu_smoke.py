@@ -233,7 +233,7 @@ def step_merge(s: Smoke) -> dict:
 
 
 def _moe_forward(s: Smoke, model) -> dict:
-    from effnb.moe import block as B
+    from effnb.experts import block as B
 
     out = logits(model, s.ctx["ids"])
     figures = {"logits_rel_error_vs_dense": rel_error(out, s.ctx["ref"])}
@@ -267,7 +267,7 @@ def step_moe(s: Smoke, method: str) -> dict:
 
 
 def _moe_backward(s: Smoke, model) -> dict:
-    from effnb.moe import block as B
+    from effnb.experts import block as B
 
     torch = s.torch
     model.train()

@@ -39,7 +39,7 @@ def build(shape: str, top_k: int, dtype, device):
     import torch
     from torch import nn
 
-    from effnb.moe.block import MoEFFN
+    from effnb.experts.block import MoEFFN
 
     hidden, ffn, experts = SHAPES[shape]
     expert_size = ffn if shape == "mixtral" else ffn // experts
@@ -91,10 +91,10 @@ def quantized_experts(args) -> int:
     moe = effnb.moe(dense, experts=8, top_k=args.quant_top_k, method="split", measure=False).model
 
     def expert_bytes(model):
-        from effnb.moe.quant import QuantMoEFFN
+        from effnb.experts.quant import QuantMoEFFN
 
         n = 0
-        for _, b in effnb.moe.moe_blocks(model):
+        for _, b in effnb.experts.moe_blocks(model):
             mods = [*b.experts_in, *b.experts_out] if isinstance(b, QuantMoEFFN) else []
             n += sum(m.storage_bytes() for m in mods) if mods else b.w_in.nbytes + b.w_out.nbytes
         return n
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     import torch
 
     from effnb.measure.env import environment
-    from effnb.moe import block as B
+    from effnb.experts import block as B
 
     if args.threads:
         torch.set_num_threads(args.threads)

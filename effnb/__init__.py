@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -37,41 +36,19 @@ _LAZY: dict[str, str] = {
     "quantize": "effnb.quant.api:quantize",
     "save": "effnb.quant.serialize:save",
     "load": "effnb.quant.serialize:load",
-    "lora": "effnb.lora.api:lora",
-    "finetune": "effnb.lora.api:finetune",
-    "merge": "effnb.lora.api:merge",
-    "moe": "effnb.moe.api:moe",
-    "moe_stats": "effnb.moe.api:moe_stats",
-    "export": "effnb.export.api:export",
+    "lora": "effnb.adapters.api:lora",
+    "finetune": "effnb.adapters.api:finetune",
+    "merge": "effnb.adapters.api:merge",
+    "moe": "effnb.experts.api:moe",
+    "moe_stats": "effnb.experts.api:moe_stats",
+    "export": "effnb.exporters.api:export",
 }
 
-_SUBMODULES = {"data", "measure", "models", "report", "commands", "magics", "cli", "quant", "lora", "moe", "export",
-               "exercises", "widgets", "kernels"}
-
-# ``effnb.lora``, ``effnb.moe`` and ``effnb.export`` name both a function and a subpackage. Importing the subpackage
-# makes Python bind the module to that attribute, which would hide the function. So the
-# subpackage itself is made callable (calling it calls the function), and both spellings work:
-# ``effnb.moe(model, experts=8)`` and ``effnb.moe.moe_stats(...)`` / ``from effnb.moe import ...``.
-_CALLABLE_PACKAGES = {"lora": "effnb.lora.api:lora", "moe": "effnb.moe.api:moe", "export": "effnb.export.api:export"}
-
-
-class _CallablePackage(types.ModuleType):
-    """A subpackage that is also the function of the same name (see ``_CALLABLE_PACKAGES``)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        module_name, attr = _CALLABLE_PACKAGES[self.__name__.rsplit(".", 1)[1]].split(":")
-        return getattr(importlib.import_module(module_name), attr)(*args, **kwargs)
-
-
-class _EffnbModule(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _CALLABLE_PACKAGES and isinstance(value, types.ModuleType) \
-                and value.__name__ == f"{__name__}.{name}" and not isinstance(value, _CallablePackage):
-            value.__class__ = _CallablePackage
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _EffnbModule
+# The technique packages are named apart from their functions (``effnb.adapters`` holds ``effnb.lora``,
+# ``effnb.experts`` holds ``effnb.moe``, ``effnb.exporters`` holds ``effnb.export``), so importing a
+# subpackage never rebinds a public function's name.
+_SUBMODULES = {"data", "measure", "models", "report", "commands", "magics", "cli", "quant", "adapters", "experts",
+               "exporters", "exercises", "widgets", "kernels"}
 
 __all__ = sorted([*_LAZY, "data", "load_ipython_extension", "__version__"])
 
@@ -82,8 +59,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
 
 
 def __getattr__(name: str) -> Any:
-    if name in _CALLABLE_PACKAGES:
-        return importlib.import_module(f"effnb.{name}")  # binding it makes it callable (above)
     if name in _LAZY:
         module_name, attr = _LAZY[name].split(":")
         value = getattr(importlib.import_module(module_name), attr)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Modules that register commands when imported (light: no torch at import time).
-_COMMAND_MODULES = ("effnb.measure.command", "effnb.quant.command", "effnb.lora.command", "effnb.moe.command",
-                    "effnb.export.command", "effnb.widgets.command")
+_COMMAND_MODULES = ("effnb.measure.command", "effnb.quant.command", "effnb.adapters.command", "effnb.experts.command",
+                    "effnb.exporters.command", "effnb.widgets.command")
 
 
 class CommandError(ValueError):

@@ -107,7 +107,7 @@ def function_summaries(summarise) -> tuple[tuple[str, str], ...]:
 
     Modules in their fixed order, names sorted within each; functions without a docstring or whose
     summary is ``None`` are skipped, and a summary shared by two functions is dropped, so each name has
-    exactly one right answer. Used by ``doc_pairs`` and by the fine-tuning task (``effnb.lora.task``).
+    exactly one right answer. Used by ``doc_pairs`` and by the fine-tuning task (``effnb.adapters.task``).
     """
     pairs: dict[str, str] = {}
     for module_name in RETRIEVAL_MODULES:

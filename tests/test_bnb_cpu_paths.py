@@ -162,8 +162,8 @@ def test_guarded_layer_survives_state_dict_between_forwards(cpu_path):
 
 def test_training_after_an_eval_forward_takes_the_differentiable_path(cpu_path):
     """Once repacked, every forward (training too) runs bitsandbytes' bf16 gemv_4bit, which has no
-    autograd formula on a real AVX512-BF16 CPU; effnb.lora.qlora.bnb_layers_for_training undoes it."""
-    from effnb.lora.qlora import bnb_layers_for_training
+    autograd formula on a real AVX512-BF16 CPU; effnb.adapters.qlora.bnb_layers_for_training undoes it."""
+    from effnb.adapters.qlora import bnb_layers_for_training
 
     ours, m = _layer(False)
     x = torch.randn(5, ours.in_features)

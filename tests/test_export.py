@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import effnb
-from effnb.export.api import export as effnb_export
+from effnb.exporters.api import export as effnb_export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,8 +126,8 @@ def test_gguf_takes_gptq_and_hqq_on_its_grids(tiny_llama, tmp_path, kw, qtype):
 
 
 def test_gguf_check_catches_a_changed_byte(quantized, tmp_path):
-    from effnb.export.gguf import plan
-    from effnb.export.gguf_check import check_file
+    from effnb.exporters.gguf import plan
+    from effnb.exporters.gguf_check import check_file
 
     q = quantized["Q4_0"]
     effnb_export(q, "gguf", tmp_path / "m.gguf")
@@ -266,7 +266,7 @@ def test_compressed_tensors_refuses_asymmetric_int4(quantized, tmp_path):
 
 def test_export_command(quantized, tmp_path):
     from effnb import commands
-    from effnb.export import command  # noqa: F401  (registers "export"; the lead lists it in _COMMAND_MODULES)
+    from effnb.exporters import command  # noqa: F401  (registers "export"; the lead lists it in _COMMAND_MODULES)
 
     cmd = commands.get_command("export")
     target = str(tmp_path / "c.gguf")
@@ -308,7 +308,7 @@ class _Recorder:
 def test_smollm2_q8_0_reads_back_in_transformers(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from effnb.export.gguf_vocab import add_tokenizer
+    from effnb.exporters.gguf_vocab import add_tokenizer
 
     vocab = _Recorder()
     add_tokenizer(vocab, smollm2)  # SmolLM2's tokenizer as GGUF metadata, without the slow file round trip

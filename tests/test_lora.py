@@ -71,7 +71,7 @@ def test_lora_attn_preset_adapts_q_and_v_and_keeps_input(llama):
 
 
 def test_presets_per_architecture():
-    from effnb.lora.targets import resolve
+    from effnb.adapters.targets import resolve
 
     mixtral = effnb.load_model("tiny-mixtral")
     t = resolve(mixtral, "mlp")
@@ -163,7 +163,7 @@ def test_finetune_on_user_text(adapted):
 
 
 def test_ctrl_c_keeps_what_was_trained(adapted, monkeypatch):
-    from effnb.lora import train as T
+    from effnb.adapters import train as T
 
     real = T.forward_loss
     calls = {"n": 0}
@@ -182,7 +182,7 @@ def test_ctrl_c_keeps_what_was_trained(adapted, monkeypatch):
 
 
 def test_aux_loss_of_transformers_moe_is_added():
-    from effnb.lora.train import forward_loss
+    from effnb.adapters.train import forward_loss
 
     mixtral = effnb.load_model("tiny-mixtral")
     ids = torch.randint(0, mixtral.config.vocab_size, (1, 16))
@@ -196,8 +196,8 @@ def test_aux_loss_of_transformers_moe_is_added():
 
 
 def test_aux_loss_of_effnb_moe_blocks_is_added(llama):
-    from effnb.lora.train import forward_loss
-    from effnb.moe import MoEFFN, aux_loss
+    from effnb.adapters.train import forward_loss
+    from effnb.experts import MoEFFN, aux_loss
 
     model = effnb.models.copy_model(llama)
     h = model.config.hidden_size
@@ -215,7 +215,7 @@ def test_aux_loss_of_effnb_moe_blocks_is_added(llama):
 
 
 def test_widget_monitor_receives_every_point():
-    from effnb.lora.train import WidgetMonitor
+    from effnb.adapters.train import WidgetMonitor
 
     class Fake:
         def __init__(self):
@@ -291,14 +291,14 @@ def test_merge_without_adapters_is_a_clear_error(llama):
 
 
 def test_save_and_load_adapter_roundtrip(trained, llama, tmp_path):
-    path = effnb.lora.save_adapter(trained.model, tmp_path / "adapter")
+    path = effnb.adapters.save_adapter(trained.model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
-    loaded = effnb.lora.load_adapter(llama, path)
+    loaded = effnb.adapters.load_adapter(llama, path)
     ids = _ids(llama, 32)
     assert torch.allclose(_logits(loaded, ids), _logits(trained.model, ids), atol=1e-5)
     with pytest.raises(ValueError, match="holds no adapter_config.json"):
-        effnb.lora.load_adapter(llama, tmp_path)
+        effnb.adapters.load_adapter(llama, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------- QLoRA
@@ -337,7 +337,7 @@ def test_qlora_on_effnb_nf4_gradients_reach_adapters(nf4_lora):
 
 
 def test_dequant_matmul_gradient_matches_float(nf4_lora):
-    from effnb.lora.qlora import quant_matmul
+    from effnb.adapters.qlora import quant_matmul
 
     q, _ = nf4_lora
     layer = q.model.layers[0].self_attn.q_proj

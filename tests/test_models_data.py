@@ -108,11 +108,11 @@ def test_resolve_text_accepts_string_file_and_list(tmp_path):
 
 def test_function_and_subpackage_of_the_same_name_both_work():
     # `effnb.moe` / `effnb.lora` are functions and subpackages; importing the subpackage first
-    # (as any `from effnb.moe import ...` does) must not hide the function.
-    code = ("import effnb, effnb.moe.api, effnb.lora.api\n"
-            "from effnb.moe import moe_stats\n"
+    # (as any `from effnb.experts import ...` does) must not hide the function.
+    code = ("import effnb, effnb.experts.api, effnb.adapters.api\n"
+            "from effnb.experts import moe_stats\n"
             "assert callable(effnb.moe) and callable(effnb.lora), (effnb.moe, effnb.lora)\n"
-            "assert effnb.moe.api.moe is not None and moe_stats is effnb.moe_stats\n"
+            "assert effnb.experts.api.moe is not None and moe_stats is effnb.moe_stats\n"
             "m = effnb.load_model('tiny-llama')\n"
             "try:\n"
             "    effnb.moe(m, experts=4, top_k=0)\n"
@@ -120,4 +120,4 @@ def test_function_and_subpackage_of_the_same_name_both_work():
             "    print('ValueError', 'top_k' in str(exc))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "ValueError True"  # the call reached effnb.moe.api.moe
+    assert out.stdout.strip() == "ValueError True"  # the call reached effnb.experts.api.moe

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import effnb
-from effnb.moe.block import MoEFFN
-from effnb.moe.split import balanced_kmeans
+from effnb.experts.block import MoEFFN
+from effnb.experts.split import balanced_kmeans
 from effnb.testing import QUICK
 
 IDS = torch.tensor([[1, 40, 41, 42, 10, 99, 120, 7, 33, 64, 65, 66, 200, 201, 3, 4, 5, 6, 7, 8]])
@@ -34,7 +34,7 @@ def test_tiny_llama_matches_dense(tiny_llama, method, experts, top_k):
     assert res.model is not tiny_llama
     err = (_logits(res.model) - ref).abs().max().item()
     assert err < 1e-4, f"{method} top-{top_k}/{experts}: max abs logit error {err:.3g}"
-    blocks = effnb.moe.moe_blocks(res.model)
+    blocks = effnb.experts.moe_blocks(res.model)
     assert len(blocks) == 2 and all(b.top_k == top_k and b.experts == experts for _, b in blocks)
 
 
@@ -91,13 +91,13 @@ def test_inplace_changes_the_model_and_top_k_sweeps_without_resplitting():
     model = effnb.load_model("tiny-llama")
     ref = _logits(model)
     res = effnb.moe(model, experts=4, top_k=1, inplace=True, **FAST)
-    assert res.model is model and len(effnb.moe.moe_blocks(model)) == 2
+    assert res.model is model and len(effnb.experts.moe_blocks(model)) == 2
     one = _logits(model)
-    effnb.moe.set_top_k(model, 4)
+    effnb.experts.set_top_k(model, 4)
     assert (_logits(model) - ref).abs().max().item() < 1e-4
     assert (one - ref).abs().max().item() > 1e-3  # top-1 of 4 really skips work
     with pytest.raises(ValueError, match="top_k must be an integer from 1 to experts=4, got 5"):
-        effnb.moe.set_top_k(model, 5)
+        effnb.experts.set_top_k(model, 5)
 
 
 # --------------------------------------------------------------------------- the block
@@ -157,18 +157,18 @@ def test_aux_loss_after_forward_and_training_step():
     res = effnb.moe(model, experts=4, top_k=2, method="upcycle", expert_noise=0.01, aux_loss_coef=0.1, **FAST)
     m = res.model
     with pytest.raises(ValueError, match="run a forward pass first"):
-        effnb.moe.aux_loss(m)
+        effnb.experts.aux_loss(m)
     m.train()
     out = m(input_ids=IDS, labels=IDS)
-    aux = effnb.moe.aux_loss(m)
+    aux = effnb.experts.aux_loss(m)
     direct = []
-    for _, b in effnb.moe.moe_blocks(m):
+    for _, b in effnb.experts.moe_blocks(m):
         probs = torch.softmax(b.last_router_logits.float(), -1)
         f = torch.bincount(b.last_expert_index.reshape(-1), minlength=4).float() / probs.shape[0]
         direct.append(4 * (f * probs.mean(0)).sum())
     assert aux.item() == pytest.approx(0.1 * torch.stack(direct).mean().item(), rel=1e-5)
     assert 0.1 * 2 * 0.9 < aux.item() < 0.1 * 2 * 4  # top_k at perfect balance, at most E x top_k
-    router = effnb.moe.moe_blocks(m)[0][1].router.weight
+    router = effnb.experts.moe_blocks(m)[0][1].router.weight
     before = router.detach().clone()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     (out.loss + aux).backward()
@@ -233,7 +233,7 @@ def test_report_sweep_measures_quality_compute_and_time(tiny_llama):
     validate(res.report.to_dict())
     assert res.figures and res.figures[0]() is not None
     # the sweep leaves the result at the asked top_k
-    assert all(b.top_k == 2 for _, b in effnb.moe.moe_blocks(res.model))
+    assert all(b.top_k == 2 for _, b in effnb.experts.moe_blocks(res.model))
 
 
 # --------------------------------------------------------------------------- CPU speed (acceptance)
@@ -251,8 +251,8 @@ def test_cpu_split_top2_of_8_ffn_time_at_most_0_6_of_dense():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from effnb.moe.ffn import find_ffns
-    from effnb.moe.split import split_ffn
+    from effnb.experts.ffn import find_ffns
+    from effnb.experts.split import split_ffn
 
     torch.manual_seed(0)
     dense = LlamaMLP(LlamaConfig(hidden_size=576, intermediate_size=1536)).eval()
@@ -290,7 +290,7 @@ def test_magic_moe_and_moe_stats(ip, tiny_llama, tmp_path):
 
     ip.user_ns["model"] = tiny_llama
     ip.run_line_magic("efficient", "moe model --experts 4 --top-k 2 --calibration-tokens 256 --no-measure -o mm -q")
-    assert len(effnb.moe.moe_blocks(ip.user_ns["mm"])) == 2
+    assert len(effnb.experts.moe_blocks(ip.user_ns["mm"])) == 2
     out = tmp_path / "routing.json"
     ip.run_line_magic("efficient", f"moe-stats mm 'def f(x): return x' --json {out} -o st -q")
     st = ip.user_ns["st"]
@@ -316,10 +316,10 @@ def tiny_moe(tiny_llama):
 
 def _expert_bytes(model) -> tuple[int, int]:
     """(bytes of the experts' stored weights, fp32 bytes of the same weights) over the MoE blocks."""
-    from effnb.moe.quant import QuantMoEFFN
+    from effnb.experts.quant import QuantMoEFFN
 
     stored = logical = 0
-    for _, b in effnb.moe.moe_blocks(model):
+    for _, b in effnb.experts.moe_blocks(model):
         if isinstance(b, QuantMoEFFN):
             for lin in [*b.experts_in, *b.experts_out]:
                 stored += lin.storage_bytes()
@@ -334,13 +334,13 @@ def _expert_bytes(model) -> tuple[int, int]:
                                                           ("nf4", 0.16, 0.2)])
 def test_quantize_moe_quantizes_every_expert(tiny_moe, method, max_ratio, max_rel_err):
     from effnb.measure.memory import count_parameters, weight_bytes
-    from effnb.moe.quant import QuantMoEFFN
+    from effnb.experts.quant import QuantMoEFFN
     from effnb.quant.linear import QuantLinear
 
     before = effnb.state_hash(tiny_moe)
     res = effnb.quantize(tiny_moe, method=method, group_size=32, measure=False)
     assert effnb.state_hash(tiny_moe) == before  # the MoE model is not changed
-    blocks = [b for _, b in effnb.moe.moe_blocks(res.model)]
+    blocks = [b for _, b in effnb.experts.moe_blocks(res.model)]
     assert len(blocks) == 2 and all(isinstance(b, QuantMoEFFN) for b in blocks)
     for b in blocks:  # routers stay full precision; every expert matrix is quantized
         assert type(b.router) is nn.Linear and b.router.weight.dtype == torch.float32
@@ -359,8 +359,8 @@ def test_quantize_moe_quantizes_every_expert(tiny_moe, method, max_ratio, max_re
 def test_quantized_block_equals_block_with_dequantized_experts(tiny_moe):
     """QuantMoEFFN computes exactly the MoE block with each expert's weights replaced by their dequantized values."""
     res = effnb.quantize(tiny_moe, method="int4", group_size=32, measure=False)
-    q = effnb.moe.moe_blocks(res.model)[0][1]
-    src = effnb.moe.moe_blocks(tiny_moe)[0][1]
+    q = effnb.experts.moe_blocks(res.model)[0][1]
+    src = effnb.experts.moe_blocks(tiny_moe)[0][1]
     ref = MoEFFN(src.hidden, src.expert_size, src.experts, src.top_k, src.act, gated=True, router_bias=True)
     with torch.no_grad():
         ref.router.load_state_dict(q.router.state_dict())
@@ -375,12 +375,12 @@ def test_quantized_block_equals_block_with_dequantized_experts(tiny_moe):
 
 
 def test_quantize_moe_include_exclude_and_errors(tiny_moe):
-    from effnb.moe.quant import QuantMoEFFN
+    from effnb.experts.quant import QuantMoEFFN
 
     res = effnb.quantize(tiny_moe, method="int8", group_size=32, exclude=["*.w_out"], measure=False)
-    b = effnb.moe.moe_blocks(res.model)[0][1]
+    b = effnb.experts.moe_blocks(res.model)[0][1]
     assert isinstance(b, QuantMoEFFN) and type(b.experts_out[0]) is nn.Linear
-    effnb.moe.set_top_k(res.model, 3)  # routing statistics and re-routing work on quantized blocks
+    effnb.experts.set_top_k(res.model, 3)  # routing statistics and re-routing work on quantized blocks
     stats = effnb.moe_stats(res.model, "def add(a, b):\n    return a + b\n")
     assert len(stats.layers) == 2 and all(sum(r["tokens_per_expert"]) == r["tokens"] * 3 for r in stats.layers)
     with pytest.raises(ValueError, match=r"group_size=64 does not divide the experts' w_out of 'model.layers.0.mlp' "

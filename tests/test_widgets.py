@@ -134,7 +134,7 @@ def test_quant_explorer_slider_within_one_second_on_minilm(minilm):
 
 def test_lora_explorer_counts_match_effnb_lora(tiny_llama):
     import effnb
-    from effnb.lora.api import lora
+    from effnb.adapters.api import lora
     from effnb.widgets import LoraExplorer
 
     before = effnb.state_hash(tiny_llama)

@@ -53,7 +53,7 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
 def _quantize_module(model, cfg: QuantConfig, name: str | None):
     t0 = time.perf_counter()
     targets = select_layers(model, cfg)
-    from ..moe.quant import prepare_moe  # effnb MoE blocks: experts quantized one by one, routers kept
+    from ..experts.quant import prepare_moe  # effnb MoE blocks: experts quantized one by one, routers kept
 
     targets, finish_moe = prepare_moe(model, targets, cfg)
     from ..measure.memory import trim_heap

@@ -76,7 +76,7 @@ class LoraExplorer(EffnbWidget):
         """[(name, in, out, copies)] of the layers effnb.lora would adapt, and how they were chosen."""
         import torch
 
-        from ..lora import resolve_targets
+        from ..adapters import resolve_targets
 
         found = resolve_targets(self.model, self.targets)
         shapes = []
@@ -237,7 +237,7 @@ class LoraExplorer(EffnbWidget):
 
     def apply(self, **options):
         """``effnb.lora(model, **self.lora_options(), **options)``: a PEFT copy of the model and its Report."""
-        from ..lora import lora  # not effnb.lora: once the subpackage is imported, that name is the package
+        from ..adapters import lora  # not effnb.lora: once the subpackage is imported, that name is the package
 
         self.result = lora(self.model, **(self.lora_options() | options))
         return self.result

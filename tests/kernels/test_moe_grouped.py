@@ -21,7 +21,7 @@ if not triton.knobs.runtime.interpret:
 
 from effnb.kernels import moe_grouped  # noqa: E402
 
-from effnb.moe import block as B  # noqa: E402
+from effnb.experts import block as B  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |ref|
 

@@ -166,7 +166,7 @@ def test_finetune_data_directory(llama, files):
 
 
 def test_missing_data_file_never_becomes_training_text():
-    from effnb.lora.task import build_task
+    from effnb.adapters.task import build_task
     from effnb.models import byte_tokenizer
 
     tok = byte_tokenizer()
@@ -218,7 +218,7 @@ def test_moe_bad_options(llama, kwargs, kind, needle):
     ({"show_tokens": -1}, ValueError, "show_tokens must be a non-negative integer, got -1"),
 ], ids=lambda v: repr(v)[:40])
 def test_moe_stats_bad_options(kwargs, kind, needle):
-    err = expect_clean_error(lambda: effnb.moe.MoEStatsConfig(**kwargs), needle)
+    err = expect_clean_error(lambda: effnb.experts.MoEStatsConfig(**kwargs), needle)
     assert isinstance(err, kind)
 
 

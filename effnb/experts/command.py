@@ -17,7 +17,7 @@ register_command(
     "moe",
     summary="turn a dense model into a Mixture-of-Experts (split its FFNs into experts, or upcycle); "
             "report active parameters, FLOPs, perplexity over top_k and FFN time",
-    api="effnb.moe.api:moe",
+    api="effnb.experts.api:moe",
     config=MoEConfig,
     examples=["%efficient moe smollm2-135m --experts 8 --top-k 2 -o moe_model",
               "%efficient moe model --method upcycle --experts 4 --top-k 2 -o up_model",
@@ -28,7 +28,7 @@ register_command(
     "moe-stats",
     summary="routing statistics of an MoE model (effnb's or transformers' Mixtral/Qwen-MoE/OLMoE): tokens per "
             "expert, imbalance, aux loss, router entropy, which tokens go where; with a heatmap",
-    api="effnb.moe.api:moe_stats",
+    api="effnb.experts.api:moe_stats",
     config=MoEStatsConfig,
     extra_args=_text_arg,
     makes_model=False,

@@ -3,8 +3,8 @@
     res = effnb.lora(model, rank=8, targets="attn")        # a PEFT model (a copy)
     res = effnb.finetune(res.model, data="python-api")     # trained copy; res.details["history"]
     merged = effnb.merge(res.model).model                  # plain model, adapters folded in
-    effnb.lora.save_adapter(res.model, "adapter/")         # safetensors
-    lmodel = effnb.lora.load_adapter(model, "adapter/")
+    effnb.adapters.save_adapter(res.model, "adapter/")         # safetensors
+    lmodel = effnb.adapters.load_adapter(model, "adapter/")
 
 Light to import: torch and PEFT load on first use, so the command registry can read the configs.
 """
@@ -29,4 +29,4 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(".targets", __name__).resolve
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module 'effnb.lora' has no attribute {name!r}")
+    raise AttributeError(f"module 'effnb.adapters' has no attribute {name!r}")

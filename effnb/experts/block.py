@@ -353,7 +353,7 @@ def aux_loss(model) -> torch.Tensor:
     """Load-balancing loss of the last forward, to add to the training loss.
 
     ``coef * mean over MoE blocks of switch_aux_loss`` (coef: ``aux_loss_coef`` of ``effnb.moe``).
-    Use it as ``loss = model(**batch).loss + effnb.moe.aux_loss(model)``; it keeps the router's
+    Use it as ``loss = model(**batch).loss + effnb.experts.aux_loss(model)``; it keeps the router's
     autograd graph, so it trains the routers toward balanced loads.
     """
     blocks = [m for _, m in moe_blocks(model)]

@@ -9,7 +9,7 @@ register_command(
     "lora",
     summary="attach LoRA adapters (PEFT; QLoRA on a quantized model, --dora, --plus-ratio for LoRA+) and report "
             "trainable share, adapter size and training memory",
-    api="effnb.lora.api:lora",
+    api="effnb.adapters.api:lora",
     config=LoraArgs,
     examples=["%efficient lora model --rank 8 -o lmodel",
               "%efficient lora qmodel --rank 16 --targets all -o qlmodel",
@@ -20,7 +20,7 @@ register_command(
     "finetune",
     summary="train a model's adapters (or all its weights) with a progress bar and a live loss plot; "
             "held-out loss and answers before/after, tokens/s, peak memory",
-    api="effnb.lora.api:finetune",
+    api="effnb.adapters.api:finetune",
     config=FinetuneArgs,
     examples=["%efficient finetune lmodel --steps 60 -o tuned",
               "%efficient finetune lmodel --data notes.txt --steps 100 --lr 1e-3 -o tuned"],
@@ -29,7 +29,7 @@ register_command(
 register_command(
     "merge",
     summary="fold LoRA adapters into the base weights (re-quantizing a quantized base) and report the error",
-    api="effnb.lora.api:merge",
+    api="effnb.adapters.api:merge",
     config=MergeArgs,
     examples=["%efficient merge tuned -o merged"],
 )

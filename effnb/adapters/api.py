@@ -3,7 +3,7 @@
     res = effnb.lora(model, rank=8, alpha=16, targets="attn")       # Result: a PEFT model
     res = effnb.finetune(res.model, data="python-api", steps=60)     # trained copy, history, before/after
     res = effnb.merge(res.model)                                     # adapters folded in, error reported
-    effnb.lora.save_adapter(res.model, "adapter/"); effnb.lora.load_adapter(model, "adapter/")
+    effnb.adapters.save_adapter(res.model, "adapter/"); effnb.adapters.load_adapter(model, "adapter/")
 
 PEFT does the LoRA itself (LoraConfig, get_peft_model, LoRA+ through its optimizer helper, DoRA
 through use_dora). effnb adds the target presets, QLoRA on its own NF4 layers, the training loop,

@@ -5,7 +5,7 @@ load on first use:
 
     res = effnb.moe(model, experts=8, top_k=2, method="split")   # Result
     stats = effnb.moe_stats(res.model)                             # MoEStats, with a heatmap
-    loss = loss + effnb.moe.aux_loss(model)                        # load-balancing loss while training
+    loss = loss + effnb.experts.aux_loss(model)                        # load-balancing loss while training
 """
 
 from __future__ import annotations
@@ -30,4 +30,4 @@ __all__ = ["MoEConfig", "MoEStatsConfig", *_LAZY]
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module 'effnb.moe' has no attribute {name!r}")
+    raise AttributeError(f"module 'effnb.experts' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Every expert starts as an exact copy of the dense FFN, and the router's top-k softmax weights are
 renormalised to sum to 1, so at initialisation ``sum_e w_e FFN(x) = FFN(x)``: the upcycled model
 computes what the dense one did (to float rounding), whatever the router says. Training then
-specialises the experts; ``effnb.moe.aux_loss(model)`` is the load-balancing term to add to the loss
+specialises the experts; ``effnb.experts.aux_loss(model)`` is the load-balancing term to add to the loss
 (Switch-Transformer form, weight ``aux_loss_coef``). ``expert_noise`` > 0 perturbs each copy
 (relative Gaussian noise) to break the symmetry at the cost of exact equality.
 """

@@ -52,7 +52,7 @@ class MoEConfig:
     expert_noise: float = field(default=0.0, metadata={
         "help": "upcycle: relative noise added to each expert copy (0 keeps the model identical to the dense one)"})
     aux_loss_coef: float = field(default=0.01, metadata={
-        "help": "weight of the load-balancing loss that effnb.moe.aux_loss(model) returns"})
+        "help": "weight of the load-balancing loss that effnb.experts.aux_loss(model) returns"})
     sweep: list[int] | None = field(default=None, metadata={
         "help": "top_k values for the quality/compute sweep in the report (default: 1,2,4,.. up to experts; "
                 "empty string: no sweep)"})

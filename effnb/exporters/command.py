@@ -18,7 +18,7 @@ register_command(
     "export",
     summary="write a quantized model for a serving engine: gguf (llama.cpp: Q8_0/Q4_0/Q4_1), vllm "
             "(compressed-tensors, also transformers) or bitsandbytes; validated before it returns",
-    api="effnb.export.api:export",
+    api="effnb.exporters.api:export",
     config=ExportConfig,
     extra_args=_positionals,
     examples=["%efficient export q gguf out.gguf",

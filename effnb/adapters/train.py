@@ -210,9 +210,9 @@ def _hf_router_aux(model) -> float | None:
 
 
 def _effnb_aux_loss(model):
-    """Load-balancing loss of effnb MoE blocks after the last forward (``effnb.moe.aux_loss``), or None."""
+    """Load-balancing loss of effnb MoE blocks after the last forward (``effnb.experts.aux_loss``), or None."""
     try:
-        from ..moe import aux_loss, moe_blocks
+        from ..experts import aux_loss, moe_blocks
     except ImportError:  # effnb.moe not in this build
         return None
     if not moe_blocks(model):
@@ -225,7 +225,7 @@ def forward_loss(model, xb, yb, aux_loss_coef: float):
 
     transformers MoE models return ``aux_loss`` when asked with ``output_router_logits=True`` and
     already add ``router_aux_loss_coef * aux_loss`` to ``loss``; effnb MoE blocks expose it through
-    ``effnb.moe.aux_loss(model)`` (their own coefficient included). Either way the auxiliary term is
+    ``effnb.experts.aux_loss(model)`` (their own coefficient included). Either way the auxiliary term is
     added with ``aux_loss_coef`` as an extra multiplier (0 turns it off).
     """
     router_coef = _hf_router_aux(model) if aux_loss_coef else None

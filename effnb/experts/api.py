@@ -226,7 +226,7 @@ def moe(model, experts: int = 8, top_k: int = 2, method: str = "split", *, inpla
     ``method="split"`` partitions each FFN's neurons into ``experts`` equal groups (``experts`` must
     divide the FFN size) and routes each token to ``top_k`` of them; ``top_k == experts`` is the
     dense model. ``method="upcycle"`` copies each FFN into ``experts`` experts behind a new router;
-    at initialisation it equals the dense model, and ``effnb.moe.aux_loss(model)`` gives the
+    at initialisation it equals the dense model, and ``effnb.experts.aux_loss(model)`` gives the
     load-balancing loss to add while fine-tuning. Other options: see ``MoEConfig``; ``audit``:
     options of the before/after report (``effnb.AuditConfig`` fields). The input model is never
     changed unless ``inplace=True``.

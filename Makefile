@@ -27,12 +27,16 @@ demo: setup
 	mkdir -p reports
 	$(BIN)/effnb audit smollm2-135m --json reports/smollm2-135m-audit.json
 
+# layer contracts (pyproject's [tool.importlinter]): $(BIN)/lint-imports, run by .ci/lint_imports.py over a
+# view of effnb that includes effnb.kernels (its files are in kernels/, which a bare lint-imports cannot see)
 test: setup
 	$(BIN)/python -m ruff check effnb kernels tests benchmarks
+	$(BIN)/python .ci/lint_imports.py
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/python -m ruff check effnb kernels tests benchmarks
+	$(BIN)/python .ci/lint_imports.py
 
 # every tutorial notebook headless with its CI parameters: wall time and peak memory per notebook
 notebooks: setup

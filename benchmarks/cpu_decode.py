@@ -47,9 +47,16 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from _peers import bnb_model, torch_dynamic_int8
+    from _results import envelope, finish
+    from effnb.kernels import cpu as cpu_ext
 
     import effnb
     from effnb.quant.report import backend_summary
+
+    record = envelope("cpu_decode", "SmolLM2-135M greedy decode on the CPU", "cpu_decode",
+                      method=f"{args.tokens} new tokens after a short prompt, {args.threads} threads, median of "
+                             f"{args.rounds} interleaved rounds (every variant once per round); ratios against "
+                             "fp32 in the same run.")
 
     only = [o for o in args.only.split(",") if o]
     model = effnb.load_model("smollm2-135m")
@@ -70,8 +77,6 @@ def main(argv=None) -> int:
         variants["bnb nf4 b64"] = bnb_model(model, "nf4", 64)
     if not only or any("torch" in o for o in only):
         variants["torch dynamic int8"] = torch_dynamic_int8(model)
-
-    from effnb.quant import cpu_ext
 
     def gen(m, label=None):
         cpu_ext.set_decode_threading(threading.get(label, "auto"))
@@ -108,9 +113,9 @@ def main(argv=None) -> int:
     print(f"decode kernels' OpenMP calls that stalled > 1 ms: {stats['stalls']}; auto mode moved to effnb's pool "
           f"{stats['switches']} times")
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": args.threads,
-                                               "load_average_end": os.getloadavg(), "rows": rows,
-                                               "threading_stats": stats}, indent=2))
+        Path(args.json).write_text(json.dumps(finish({**record, "threads": args.threads, "tokens": args.tokens,
+                                                      "rounds": args.rounds, "rows": rows,
+                                                      "threading_stats": stats}), indent=2) + "\n")
     return 0
 
 

@@ -27,9 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="int8:0,int4:64,nf4:64")
     args = ap.parse_args(argv)
     import torch
+    from effnb.kernels import cpu as cpu_ext
 
-    from effnb.quant import cpu_ext
-    from effnb.quant.api import _quantize_layer
+    from effnb.quant.api import quantize_layer
     from effnb.quant.config import QuantConfig
 
     torch.set_num_threads(args.threads)
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         for spec in args.formats.split(","):
             method, g = spec.split(":")
             cfg = QuantConfig.from_kwargs(method=method, group_size=int(g))
-            layers = [_quantize_layer("x", lin, cfg, None)[0] for lin in lins]
+            layers = [quantize_layer("x", lin, cfg, None)[0] for lin in lins]
             variants[f"{method} g{g}, auto"] = (layers, "auto")
             variants[f"{method} g{g}, OpenMP"] = (layers, "openmp")
             variants[f"{method} g{g}, effnb pool"] = (layers, "pool")

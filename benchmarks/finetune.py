@@ -46,7 +46,7 @@ def child(spec: dict) -> dict:
     import torch
 
     import effnb
-    from effnb.measure.memory import trim_heap
+    from effnb.torch_utils import trim_heap
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

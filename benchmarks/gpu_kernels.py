@@ -22,7 +22,7 @@ local-memory LDL/STL).
 Every effnb result is checked against the PyTorch reference before it is timed (max relative
 error printed; a wrong kernel is reported, never timed silently). Without CUDA the script exits
 with status 2 and a message. ``--paths all`` also times each forced effnb path (gemv,
-gemm-small, gemm, dequant+cublas) so the thresholds in effnb/kernels/interface.py can be set.
+gemm-small, gemm, dequant+cublas) so the thresholds in kernels/triton/__init__.py (``plan``) can be set.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ SHORT = {"shapes": "4096x11008,8192x8192", "batches": "1,16,256",
 
 
 def _load_kernels():
-    """effnb.kernels, also from a checkout whose editable install predates the kernels/ mapping."""
+    """(kt, reference, testing): ``kt`` is ``effnb.kernels.triton``, the Triton launcher (``run_kernel``,
+    ``plan``, ``PATHS``, ``FMT_CODE``); also from a checkout whose editable install predates the kernels/ mapping."""
     import importlib.util
     import pathlib
-
 
     if importlib.util.find_spec("effnb.kernels") is None:
         root = pathlib.Path(__file__).resolve().parents[1] / "kernels"
@@ -59,9 +59,10 @@ def _load_kernels():
         mod = importlib.util.module_from_spec(spec)
         sys.modules["effnb.kernels"] = mod
         spec.loader.exec_module(mod)
-    from effnb.kernels import interface, reference, testing
+    from effnb.kernels import reference, testing
+    from effnb.kernels import triton as kt
 
-    return interface, reference, testing
+    return kt, reference, testing
 
 
 def _nbytes(*ts) -> int:
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"unknown format {bad[0]!r}; choose from {', '.join(FORMATS)}", file=sys.stderr)
         return 2
-    interface, reference, testing = _load_kernels()
+    kt, reference, testing = _load_kernels()
     import torch.nn.functional as F
 
     dev = torch.device("cuda")
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
           f"bitsandbytes {env['bitsandbytes']}  measured copy bandwidth {bw / 1e9:.0f} GB/s")
 
     if args.sweep_gemv:
-        return sweep_gemv(torch, interface, testing, formats, args, l2)
+        return sweep_gemv(torch, kt, testing, formats, args, l2)
     rows = []
     header = f"{'K x N':>12} {'M':>4}  {'variant':<28} {'path':<15} {'us':>8} {'GB/s':>7} {'%copy':>6} {'vs fp16':>8}  check"
     print(header)
@@ -227,10 +228,10 @@ def main(argv=None) -> int:
             cell.append(("fp16 cuBLAS", "cublas", fp16_us, moved, mode, ""))
             for name in formats:
                 fmt, reps_, nb = cases[name]
-                paths = [None] + (list(interface.PATHS) if args.paths == "all" else [])
+                paths = [None] + (list(kt.PATHS) if args.paths == "all" else [])
                 for path in paths:
                     c = reps_[0]
-                    y, used = interface.run_kernel(fmt, x16, path=path, return_path=True, **testing.weight_args(c))
+                    y, used = kt.run_kernel(fmt, x16, path=path, return_path=True, **testing.weight_args(c))
                     ref = reference.reference_linear(fmt, x16.float(), **testing.weight_args(c))
                     err = testing.rel_error(y, ref)
                     ok = err <= testing.TOLERANCE[torch.float16]
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
 
                     def make(i, path=path, fmt=fmt, reps_=reps_, x=x16):
                         wa = testing.weight_args(reps_[i])
-                        return lambda: interface.run_kernel(fmt, x, path=path, **wa)
+                        return lambda: kt.run_kernel(fmt, x, path=path, **wa)
 
                     us, mode = time_calls(torch, make, len(reps_), args.calls, args.reps)
                     label = name if path is None else f"{name} [{path}]"
@@ -283,8 +284,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def sweep_gemv(torch, interface, testing, formats, args, l2) -> int:
-    """Time GEMV configurations (BLOCK_N, BLOCK_K, split-K, warps) at M=1: data for interface.plan."""
+def sweep_gemv(torch, kt, testing, formats, args, l2) -> int:
+    """Time GEMV configurations (BLOCK_N, BLOCK_K, split-K, warps) at M=1: data for ``plan``."""
     import itertools
 
     dev = torch.device("cuda")
@@ -299,21 +300,21 @@ def sweep_gemv(torch, interface, testing, formats, args, l2) -> int:
             reps_ = [c0] + [{key: (v.clone() if isinstance(v, torch.Tensor) else
                                    tuple(t.clone() for t in v) if isinstance(v, tuple) else v)
                              for key, v in c0.items()} for _ in range(max(1, math.ceil(3 * l2 / nb)) - 1)]
-            ref = interface.reference.reference_linear(fmt, x.float(), **testing.weight_args(c0))
-            default = interface.plan(fmt, 1, n, k, g, dev)
+            ref = _load_kernels()[1].reference_linear(fmt, x.float(), **testing.weight_args(c0))
+            default = kt.plan(fmt, 1, n, k, g, dev)
             results = []
             bks = (128, 256) if fmt == "int8" else (256, 512)
             for bn, bk, sk, nw in itertools.product((8, 16, 32), bks, (1, 2, 4), (2, 4)):
                 cfg = {"block_m": 1, "block_n": bn, "block_k": bk, "use_dot": False,
                        "split_k": sk, "num_warps": nw}
-                err = testing.rel_error(interface.run_kernel(fmt, x, config=cfg, **testing.weight_args(c0)), ref)
+                err = testing.rel_error(kt.run_kernel(fmt, x, config=cfg, **testing.weight_args(c0)), ref)
                 if err > testing.TOLERANCE[torch.float16]:
                     print(f"# {shape} {name} {cfg}: WRONG (error {err:.2e}), not timed")
                     continue
 
                 def make(i, cfg=cfg, reps_=reps_, fmt=fmt, x=x):
                     wa = testing.weight_args(reps_[i])
-                    return lambda: interface.run_kernel(fmt, x, config=cfg, **wa)
+                    return lambda: kt.run_kernel(fmt, x, config=cfg, **wa)
 
                 us, _ = time_calls(torch, make, len(reps_), args.calls, args.reps)
                 results.append((us, cfg))
@@ -336,13 +337,15 @@ def compile_report(formats, batches, n: int = 4096, k: int = 4096) -> int:
     import tempfile
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    interface, _, _ = _load_kernels()
+    kt, _, _ = _load_kernels()
     import triton
-    from effnb.kernels import _triton
+    from effnb.kernels.triton import qmm
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if _triton.interpreting():
+    from effnb.torch_utils import triton_interpreting
+
+    if triton_interpreting():
         print("--compile-only needs triton without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     binp = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -353,9 +356,9 @@ def compile_report(formats, batches, n: int = 4096, k: int = 4096) -> int:
     for fmt, group, opts in formats:
         dq = bool(opts.get("double_quant"))
         label = f"{fmt} g{group}{' dq' if dq else ''}"
-        code = interface._FMT_CODE[fmt]
+        code = kt.FMT_CODE[fmt]
         for m in batches:
-            cfg = interface.plan(fmt, m, n, k, group, "cpu", sms=132)  # as on an H100 SXM
+            cfg = kt.plan(fmt, m, n, k, group, "cpu", sms=132)  # as on an H100 SXM
             if cfg["path"] == "dequant+cublas":
                 continue
             sig = {"x_ptr": "*fp16", "w_ptr": "*i8" if fmt == "int8" else "*u8",
@@ -372,7 +375,7 @@ def compile_report(formats, batches, n: int = 4096, k: int = 4096) -> int:
             # as the launcher specialises: 16-byte aligned pointers, sizes and strides divisible by 16
             div = [i for i, nm in enumerate(names) if sig[nm].startswith("*")
                    or nm in ("K", "stride_wn", "stride_xm", "stride_ym", "k_per_split")]
-            src = ASTSource(_triton.QMM, sig, constexprs={(names.index(c),): v for c, v in const.items()},
+            src = ASTSource(qmm.QMM, sig, constexprs={(names.index(c),): v for c, v in const.items()},
                             attrs={(i,): [["tt.divisibility", 16]] for i in div})
             try:
                 kern = triton.compile(src, target=GPUTarget("cuda", 90, 32),

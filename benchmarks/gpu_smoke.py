@@ -233,6 +233,8 @@ def step_merge(s: Smoke) -> dict:
 
 
 def _moe_forward(s: Smoke, model) -> dict:
+    from effnb.kernels.ops import supports
+
     from effnb.experts import block as B
 
     out = logits(model, s.ctx["ids"])
@@ -240,7 +242,7 @@ def _moe_forward(s: Smoke, model) -> dict:
     w = next(m for _, m in B.moe_blocks(model)).w_in
     x = w.new_zeros(1, w.shape[1])
     figures["grouped_matmul"] = B.grouped_backend(x, w)
-    if B._triton_supported(x, w) and figures["grouped_matmul"] != "triton":
+    if supports("triton", x=x, w=w) is None and figures["grouped_matmul"] != "triton":
         old = B.set_grouped_backend("triton")
         try:
             figures["triton_rel_error_vs_default"] = rel_error(logits(model, s.ctx["ids"]), out)

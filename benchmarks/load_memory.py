@@ -4,7 +4,7 @@
 
 mmap: transformers' default (the weights stay pages of the cached safetensors file); disable_mmap:
 transformers' ``disable_mmap=True`` (the file read into one bytes object, tensors copied out);
-effnb: ``effnb.models._from_pretrained_in_memory`` (safetensors' pread backend, what
+effnb: ``effnb.models.from_pretrained_in_memory`` (safetensors' pread backend, what
 ``effnb.load_model`` uses). Prints the resident set after loading, its anonymous part, the
 high-water mark (VmHWM) and the wall time including imports.
 """
@@ -27,7 +27,7 @@ if mode == "mmap":
 elif mode == "disable_mmap":
     m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, disable_mmap=True)
 else:
-    m = M._from_pretrained_in_memory("causal-lm", d)
+    m = M.from_pretrained_in_memory("causal-lm", d)
 s = dict(line.split(":", 1) for line in open("/proc/self/status"))
 mb = {k: int(s[k].split()[0]) // 1024 for k in ("VmRSS", "RssAnon", "VmHWM")}
 print(f"{mode:13s} RSS {mb['VmRSS']:5d} MB (anonymous {mb['RssAnon']:5d})  peak {mb['VmHWM']:5d} MB  "

@@ -14,7 +14,7 @@ all alike), median over rounds after a warm-up:
 - ``dense``: the dense FFN (``down(silu(gate x) * up x)``), smollm2 shape only;
 - ``effnb``: ``MoEFFN``'s own dispatch (sort by expert, matmuls over the selected slices only, gather back;
   on the CPU one matmul per non-empty expert, on CUDA bf16 ``torch._grouped_mm``);
-- ``triton``: the same sorted layout through effnb's Triton grouped GEMM (``effnb.kernels.moe_grouped``;
+- ``triton``: the same sorted layout through effnb's Triton grouped GEMM (``effnb.kernels.triton.grouped``;
   on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` with ``--dry-run``);
 - ``grouped_mm``: the same sorted layout through ``torch._grouped_mm`` (forced);
 - ``loop``: the same sorted layout with one matmul per non-empty expert (forced);
@@ -161,9 +161,10 @@ def main(argv=None) -> int:
     if args.dry_run:  # every variant once on a tiny shape: checks the code paths, times nothing worth reading
         args.shape, args.tokens, args.rounds = "tiny", "1,24", 1
     import torch
+    from effnb.kernels.ops import supports
 
-    from effnb.measure.env import environment
     from effnb.experts import block as B
+    from effnb.measure.env import environment
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
 
     variants = {"effnb": grouped}
     probe = block.w_in.new_zeros(1, block.hidden)
-    if B._triton_supported(probe, block.w_in):  # CUDA, or the CPU under TRITON_INTERPRET=1 (--dry-run)
+    if supports("triton", x=probe, w=block.w_in) is None:  # CUDA, or the CPU under TRITON_INTERPRET=1 (--dry-run)
         variants["triton"] = moe_with(forced("triton"))
     variants.update({
         "grouped_mm": moe_with(forced("torch._grouped_mm")),

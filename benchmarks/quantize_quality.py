@@ -59,15 +59,20 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated substrings of variant labels")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-times", action="store_true", help="leave the quantize times out of the printed lines "
+                    "and the JSON, so two trees' outputs can be compared with diff (the other figures are "
+                    "deterministic)")
     args = ap.parse_args(argv)
     import torch
+    from _results import envelope, finish
 
     import effnb
     from effnb.measure.quality import embed, embedding_agreement, perplexity
 
     torch.manual_seed(0)
     only = [o for o in args.only.split(",") if o]
-    out = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "rows": []}
+    out = {**envelope("quantize_quality", "Quality after quantization", "quantize_quality"),
+           "threads": torch.get_num_threads(), "rows": []}
     for mname in args.models.split(","):
         if mname == "smollm2":
             model = effnb.load_model("smollm2-135m")
@@ -88,14 +93,16 @@ def main(argv=None) -> int:
         base = score(model)
         print(f"\n## {mname}  ({'ppl' if mname == 'smollm2' else 'cosine / top-5'})", flush=True)
         print(f"{'fp32':28s} {base}", flush=True)
-        out["rows"].append({"model": mname, "variant": "fp32", **base, "quantize_s": 0.0})
+        out["rows"].append({"model": mname, "variant": "fp32", **base, **({} if args.no_times else {"quantize_s": 0.0})})
         for label, q, secs in variants(model, keep_head=(mname == "smollm2"), only=only):
             s = score(q)
-            print(f"{label:28s} {json.dumps({k: v for k, v in s.items() if k != 'raw'})}  quantize {secs:.2f} s", flush=True)
-            out["rows"].append({"model": mname, "variant": label, **s, "quantize_s": secs})
+            took = "" if args.no_times else f"  quantize {secs:.2f} s"
+            print(f"{label:28s} {json.dumps({k: v for k, v in s.items() if k != 'raw'})}{took}", flush=True)
+            out["rows"].append({"model": mname, "variant": label, **s, **({} if args.no_times else {"quantize_s": secs})})
             del q
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        out = {"rows": out["rows"]} if args.no_times else finish(out)  # --no-times: the same bytes from any tree
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0
 
 

@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
@@ -23,12 +27,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
+    from _results import envelope, finish
 
     import effnb
 
     model = effnb.load_model("smollm2-135m")
-    out = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "threads": torch.get_num_threads(),
-           "load_average_start": os.getloadavg()[0], "rows": []}
+    out = {**envelope("quantize_time", "Quantization wall time, SmolLM2-135M", "quantize_time",
+                      method=f"{torch.get_num_threads()} threads; all Linear layers but `lm_head`, group 64, "
+                             f"`measure=False`; {args.repeats} calls per method (gptq 1)."),
+           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "threads": torch.get_num_threads(), "rows": []}
     for method in args.methods.split(","):
         repeats = 1 if method == "gptq" else args.repeats
         times = []
@@ -43,7 +50,7 @@ def main(argv=None) -> int:
         out["rows"].append({"method": method, "seconds": times})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(finish(out), f, indent=1)
     return 0
 
 

@@ -12,7 +12,6 @@ neither torch nor transformers; the first call that needs them does.
 from __future__ import annotations
 
 import importlib
-import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -48,7 +47,7 @@ _LAZY: dict[str, str] = {
 # ``effnb.experts`` holds ``effnb.moe``, ``effnb.exporters`` holds ``effnb.export``), so importing a
 # subpackage never rebinds a public function's name.
 _SUBMODULES = {"data", "measure", "models", "report", "commands", "magics", "cli", "quant", "adapters", "experts",
-               "exporters", "exercises", "widgets", "kernels"}
+               "exporters", "exercises", "widgets", "kernels", "technique", "options", "torch_utils"}
 
 __all__ = sorted([*_LAZY, "data", "load_ipython_extension", "__version__"])
 

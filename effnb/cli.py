@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from . import commands as _commands
+from . import outputs
 
 PROG = "effnb"
 
@@ -45,13 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         if ns is None:
             return 0
         # the outputs are checked before the work: a bad path must not cost the result
-        json_path = _commands.check_output_file(ns.json) if ns.json is not None else None
+        json_path = outputs.check_output_file(ns.json) if ns.json is not None else None
         if ns.output is not None and cmd.makes_model is False:
             raise _commands.CommandError(_no_model(cmd))
-        out_dir = _commands.check_output_dir(ns.output) if ns.output is not None else None
-        # quantize --save-to streams a checkpoint folder: the API gets the path, not a loaded model
-        streams = cmd.name == "quantize" and getattr(ns, "save_to", None)
-        result = _commands.run(cmd, ns, (lambda token: token) if streams else _resolve)
+        out_dir = outputs.check_output_dir(ns.output) if ns.output is not None else None
+        # a streaming call (quantize --save-to): the API gets the path, not a loaded model
+        result = _commands.run(cmd, ns, (lambda token: token) if cmd.streams(ns) else _resolve)
     except _commands.CommandError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report.to_text() if hasattr(report, "to_text") else report)
     try:
         if json_path:
-            _commands.write_json(report, json_path)
+            outputs.write_json(report, json_path)
             if not ns.quiet:
                 print(f"report written to {ns.json}")
         if out_dir:
@@ -84,10 +84,10 @@ def _save(cmd, result, path: str) -> None:
 
     if not isinstance(result, Result):
         raise _commands.CommandError(_no_model(cmd))
-    import effnb
+    from .quant.serialize import save
 
     with _commands.one_line_errors():
-        effnb.save(result.model, path)
+        save(result.model, path)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ A command is a thin parser over one API call: its options are derived from a con
 No torch import here: the registry is read when ``%load_ext effnb`` runs.
 
 Both front ends share the rules for failures: the options are checked (config ``__post_init__``)
-and the output paths probed before any model is loaded; a model whose weights are on the meta
-device is refused; any exception from the work becomes one line (``CommandError``; ``EFFNB_DEBUG=1``
-shows the traceback instead); a report is written whole or not at all (``write_json``).
+and the output paths probed before any model is loaded (``effnb.outputs``); a model whose weights are
+on the meta device is refused; any exception from the work becomes one line (``CommandError``;
+``EFFNB_DEBUG=1`` shows the traceback instead); a report is written whole or not at all
+(``outputs.write_json``).
 """
 
 from __future__ import annotations
@@ -16,19 +17,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import importlib
 import inspect
-import itertools
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Modules that register commands when imported (light: no torch at import time).
+from .options import closest_match
+
+# The packages' command modules (light: no torch at import time). Each lists its commands as data,
+# ``COMMANDS = [dict(name=..., summary=..., api="module:function", ...)]`` (register_command's
+# keywords), so no package below the front ends imports this module.
 _COMMAND_MODULES = ("effnb.measure.command", "effnb.quant.command", "effnb.adapters.command", "effnb.experts.command",
                     "effnb.exporters.command", "effnb.widgets.command")
 
@@ -49,6 +51,13 @@ class Command:
     # whether the call returns a Result with a new model (what the CLI's -o saves); None: unknown until it ran.
     # Default: False for commands over several models or none (compare, explore)
     makes_model: bool | None = None
+    # an option that, when given, makes the API take the model's name or path as it is (quantize's
+    # --save-to streams a checkpoint folder without ever loading it whole)
+    stream_option: str | None = None
+
+    def streams(self, ns: argparse.Namespace) -> bool:
+        """Whether this call passes names through to the API instead of loaded models."""
+        return bool(self.stream_option and getattr(ns, self.stream_option, None))
 
     def function(self) -> Callable:
         module, attr = self.api.split(":")
@@ -61,7 +70,8 @@ _loaded = False
 
 def register_command(name: str, *, summary: str, api: str, config: type | None = None, models: int | str = 1,
                      extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-                     examples: list[str] | None = None, makes_model: bool | None = None) -> Command:
+                     examples: list[str] | None = None, makes_model: bool | None = None,
+                     stream_option: str | None = None) -> Command:
     """Add a subcommand to ``%efficient`` and ``effnb``. See the module docstring for how options are derived.
 
     ``makes_model``: whether the call returns a ``Result`` holding a new model (so ``effnb CMD -o DIR`` can
@@ -71,7 +81,7 @@ def register_command(name: str, *, summary: str, api: str, config: type | None =
         raise ValueError(f"models must be 0, 1 or '+', got {models!r}")
     if makes_model is None and models != 1:
         makes_model = False
-    cmd = Command(name, summary, api, config, models, extra_args, list(examples or []), makes_model)
+    cmd = Command(name, summary, api, config, models, extra_args, list(examples or []), makes_model, stream_option)
     _REGISTRY[name] = cmd
     return cmd
 
@@ -83,20 +93,41 @@ def commands() -> dict[str, Command]:
         _loaded = True
         for module in _COMMAND_MODULES:
             try:
-                importlib.import_module(module)
+                mod = importlib.import_module(module)
             except ModuleNotFoundError as exc:
                 if exc.name is None or not module.startswith(exc.name):  # a missing dependency inside it: say so
                     raise
+                continue
+            for spec in getattr(mod, "COMMANDS", ()):
+                spec = dict(spec)
+                register_command(spec.pop("name"), **spec)
     return _REGISTRY
 
 
 def get_command(name: str) -> Command:
     table = commands()
     if name not in table:
-        close = difflib.get_close_matches(name, list(table) + ["help"], n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = closest_match(name, [*table, "help"])
+        hint = f" Did you mean {close!r}?" if close else ""
         raise CommandError(f"unknown command {name!r}.{hint} Commands: {', '.join(sorted(table))}, help")
     return table[name]
+
+
+def load_named_model(token: str):
+    """The model a command line names when it is no variable: an embedded name, a path, a ``.gguf`` file
+    or a hub id (``owner/name``) is loaded; None for any other word (the front end says why)."""
+    from .models import EMBEDDED_MODELS, load_model
+
+    if token in EMBEDDED_MODELS or "/" in token or token.endswith(".gguf"):
+        return load_model(token)  # its errors become one line in run()
+    return None
+
+
+def undefined_name(token: str) -> str:
+    """The message for a word that is neither a notebook variable nor an embedded model."""
+    from .models import EMBEDDED_MODELS
+
+    return f"name {token!r} is not defined in the notebook, and it is not an embedded model ({', '.join(EMBEDDED_MODELS)})"
 
 
 # --------------------------------------------------------------------------- parsers
@@ -123,15 +154,6 @@ def _unwrap_optional(tp):
         if len(args) == 1:
             return args[0], True
     return tp, False
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _list_type(inner):
@@ -240,7 +262,7 @@ def check_options(cmd: Command, ns: argparse.Namespace) -> None:
     cmd.config(**{k: v for k, v in api_kwargs(ns).items() if k in names})
 
 
-# --------------------------------------------------------------------------- errors and outputs
+# --------------------------------------------------------------------------- errors
 
 
 @contextlib.contextmanager
@@ -275,91 +297,13 @@ def user_message(exc: BaseException) -> str:
 
 def check_loaded(model, label: str) -> None:
     """ValueError when ``model``'s weights are on the meta device (a skeleton whose weights were never loaded)."""
-    named = getattr(model, "named_parameters", None)
-    if not callable(named):
-        return
-    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
-    meta = [name for name, t in tensors if getattr(t, "is_meta", False)]
+    from .models import meta_tensors
+
+    meta = meta_tensors(model)
     if meta:
         raise ValueError(f"the model's weights are on the meta device (not loaded): {label!r} has {len(meta)} "
                          f"tensors without data, e.g. {meta[0]!r}; load its weights first (e.g. "
                          "model.to_empty(device='cpu') then load_state_dict, or effnb.load_model)")
-
-
-def _probe_file(path: str) -> None:
-    """Open ``path`` for writing without changing it (an existing file keeps its bytes, a new one is removed)."""
-    if os.path.lexists(path):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
-        try:
-            os.write(fd, b"")  # /dev/full refuses even this
-        finally:
-            os.close(fd)
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.close(fd)
-    os.unlink(path)
-
-
-def check_output_file(path: str, option: str = "--json") -> str:
-    """Check before any work that ``path`` can be written; returns it with ``~`` expanded."""
-    full = os.path.expanduser(path)
-    if not full.strip():
-        raise CommandError(f"{option} needs a file path, got {path!r}")
-    if os.path.isdir(full):
-        raise CommandError(f"{option} {path}: is a directory; give a file path such as {os.path.join(path, 'report.json')}")
-    parent = os.path.dirname(os.path.abspath(full))
-    if not os.path.isdir(parent):
-        what = "is not a directory" if os.path.exists(parent) else "does not exist"
-        raise CommandError(f"{option} {path}: the folder {parent} {what}")
-    try:
-        _probe_file(full)
-    except OSError as exc:
-        raise CommandError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
-    return full
-
-
-def check_output_dir(path: str, option: str = "-o") -> str:
-    """Check before any work that the directory ``path`` can be created or written into."""
-    full = os.path.expanduser(path)
-    if not full.strip():
-        raise CommandError(f"{option} needs a directory path, got {path!r}")
-    existing = os.path.abspath(full)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "" if existing == os.path.abspath(full) else f" ({existing})"
-        raise CommandError(f"{option} {path}: not a directory{where}; give a directory path for the checkpoint")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".effnb-probe-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise CommandError(f"{option} {path}: cannot write into {existing} ({exc.strerror or exc})") from None
-    return full
-
-
-def write_json(report, path: str, option: str = "--json") -> None:
-    """Write ``report.to_json()`` to ``path``: a regular file is replaced whole (never left half-written)."""
-    if not hasattr(report, "to_json"):
-        raise CommandError(f"{option}: this command gives no report to write")
-    text = report.to_json() + "\n"
-    try:
-        if os.path.exists(path) and not os.path.isfile(path):  # a device or pipe: written as it is
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-            return
-        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-        fd, tmp = tempfile.mkstemp(prefix=".effnb-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise CommandError(f"{option} {path}: could not write the report ({exc.strerror or exc})") from None
 
 
 def help_text(name: str | None, prog: str) -> str:

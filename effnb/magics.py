@@ -14,6 +14,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import HTML, display
 
 from . import commands as _commands
+from . import outputs
 
 PROG = "%efficient"
 
@@ -23,6 +24,13 @@ def _store_value(result):
     from .report import Result
 
     return result.model if isinstance(result, Result) else result
+
+
+def _check_variable(name):
+    """``name`` when ``-o`` can store into it (a Python identifier), else the one-line error."""
+    if name is None or not name.isidentifier():
+        raise UsageError(f"-o needs a Python variable name, got {name!r}")
+    return name
 
 
 @magics_class
@@ -38,14 +46,13 @@ class EfficientMagics(Magics):
             if not isinstance(obj, torch.nn.Module):
                 raise _commands.CommandError(f"{token!r} is a {type(obj).__name__}, not a model (a torch.nn.Module)")
             return obj
-        from .models import EMBEDDED_MODELS, load_model, unknown_model_message
+        from .models import unknown_model_message
 
-        if token in EMBEDDED_MODELS or "/" in token or token.endswith(".gguf"):
-            return load_model(token)  # its errors become one line in _commands.run
-        if token.isidentifier():
-            raise _commands.CommandError(f"name {token!r} is not defined in the notebook, and it is not an "
-                                         f"embedded model ({', '.join(EMBEDDED_MODELS)})")
-        raise _commands.CommandError(unknown_model_message(token))
+        model = _commands.load_named_model(token)
+        if model is not None:
+            return model
+        raise _commands.CommandError(_commands.undefined_name(token) if token.isidentifier()
+                                     else unknown_model_message(token))
 
     def _variable_or_name(self, token: str):
         return self._resolve_model(token) if token in self.shell.user_ns else token
@@ -68,13 +75,12 @@ class EfficientMagics(Magics):
             ns = _commands.parse(cmd, argv[1:], f"{PROG} {cmd.name}")
             if ns is None:  # --help was printed
                 return None
-            if ns.output is not None and not ns.output.isidentifier():  # checked before the work, not after
-                raise _commands.CommandError(f"-o needs a Python variable name, got {ns.output!r}")
-            json_path = _commands.check_output_file(ns.json) if ns.json is not None else None
-            # quantize --save-to streams a checkpoint folder: a name that is not a notebook variable is
-            # passed to the API as it is (a folder is then never loaded whole)
-            streams = cmd.name == "quantize" and getattr(ns, "save_to", None)
-            resolve = self._variable_or_name if streams else self._resolve_model
+            if ns.output is not None:  # checked before the work, not after
+                _check_variable(ns.output)
+            json_path = outputs.check_output_file(ns.json) if ns.json is not None else None
+            # a streaming call (quantize --save-to): a name that is not a notebook variable is passed
+            # to the API as it is (a folder is then never loaded whole)
+            resolve = self._variable_or_name if cmd.streams(ns) else self._resolve_model
             result = _commands.run(cmd, ns, resolve)
         except _commands.CommandError as exc:
             raise UsageError(str(exc)) from None
@@ -85,7 +91,7 @@ class EfficientMagics(Magics):
             self.shell.user_ns[ns.output] = _store_value(result)
         if json_path:
             try:
-                _commands.write_json(getattr(result, "report", result), json_path)
+                outputs.write_json(getattr(result, "report", result), json_path)
             except _commands.CommandError as exc:
                 raise UsageError(f"{exc} (the result is stored in {ns.output or '_efficient'})") from None
         if not ns.quiet:
@@ -108,9 +114,7 @@ class EfficientMagics(Magics):
             if tok in ("-q", "--quiet"):
                 quiet = True
             elif tok in ("-o", "--output"):
-                output = next(it, None)
-                if output is None or not output.isidentifier():
-                    raise UsageError(f"-o needs a Python variable name, got {output!r}")
+                output = _check_variable(next(it, None))
             else:
                 raise UsageError(f"%%efficient: unknown option {tok!r}; options: -o NAME, -q")
         from .measure.core import measure_region

@@ -19,10 +19,18 @@ MAX_TOKENS = 1_000_000
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
 
+def closest_match(value, allowed, cutoff: float = 0.6) -> str | None:
+    """The one of ``allowed`` closest to ``value`` (difflib's ratio at least ``cutoff``), or None.
+
+    Every "did you mean" of effnb comes from here; callers word the hint to fit their message."""
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def did_you_mean(value, allowed, cutoff: float = 0.6) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``allowed``, or ``""`` when none is close."""
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=cutoff)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest_match(value, allowed, cutoff)
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def reject_unknown(cls, what: str, kwargs: dict, cutoff: float = 0.6) -> None:

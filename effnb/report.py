@@ -206,11 +206,7 @@ class Report:
 
     def to_json(self, path: str | None = None, indent: int = 2) -> str:
         """The report as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        return to_json(self.to_dict(), path, indent)
 
     @classmethod
     def from_dict(cls, d: dict) -> Report:
@@ -313,10 +309,22 @@ class Report:
         return fig
 
     def _ipython_display_(self) -> None:
-        _display_all(self._repr_html_(), [self.figure])
+        display_all(self._repr_html_(), [self.figure])
 
 
-def _display_all(html_text: str, figures: list[Callable[[], Any]]) -> None:
+def to_json(data: dict, path: str | None = None, indent: int = 2) -> str:
+    """``data`` (already JSON-ready) as JSON text; also written to ``path`` when given, with a final newline.
+
+    The one writer behind every ``to_json`` method (reports, MoE statistics, comparisons)."""
+    text = json.dumps(data, indent=indent)
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return text
+
+
+def display_all(html_text: str, figures: list[Callable[[], Any]]) -> None:
+    """Show ``html_text`` then each figure (``figures``: callables making plotly figures) in a notebook."""
     from IPython.display import HTML, display
 
     display(HTML(html_text))
@@ -352,4 +360,4 @@ class Result:
         return self.report.to_text()
 
     def _ipython_display_(self) -> None:
-        _display_all(self.report._repr_html_(), [self.report.figure, *self.figures])
+        display_all(self.report._repr_html_(), [self.report.figure, *self.figures])

@@ -1,8 +1,17 @@
-"""effnb.kernels: fused dequantize + matmul kernels (Triton) for int4, int8, NF4 and FP4 weights.
+"""effnb.kernels: the runtime under every quantized layer (the top-level ``kernels/`` folder).
 
-``effnb.kernels.interface`` holds the public functions and the ``torch.library`` ops
-(``effnb::int4_linear`` ...); ``reference`` the pure-PyTorch ground truth; ``_triton`` the
-kernels. Importing this package imports neither torch nor triton: the submodules load on use.
+    formats.py     the Format table: buffers, dtypes, shapes and rules of each storage format
+    reference.py   the PyTorch references: pack, quantize, dequantize, linear (the ground truth)
+    linear.py      ``QuantLinear`` and ``check_layer``
+    ops.py         the ``torch.library`` ops (``effnb::int4_linear`` ...) and ``supports``, the one
+                   place that decides which implementation runs (and names the path for reports)
+    functions.py   public functions over the ops (``int4_linear``, ``nf4_linear`` ...)
+    cpu/           the C++ kernels (``qlinear.cpp``), their guarded build and loader, bound calls
+    triton/        the Triton kernels (quantized matmul, MoE grouped matmul) and their planning
+    bnb.py         bitsandbytes' stored layouts
+
+Importing this package imports neither torch nor triton: the submodules load on use. It never
+imports the techniques (``effnb.quant`` ...): they build on it.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import importlib.util
 import os
 import sys
 
-__all__ = ["interface", "reference", "triton_available", "use_interpreter"]
+__all__ = ["formats", "functions", "ops", "reference", "triton_available", "use_interpreter"]
 
 
 def triton_available() -> bool:
@@ -39,6 +48,6 @@ def use_interpreter() -> bool:
 
 
 def __getattr__(name: str):
-    if name in ("interface", "reference"):
+    if name in ("formats", "functions", "linear", "ops", "reference"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

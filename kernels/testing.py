@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from effnb.quant import formats
+from .formats import DQ_STATS, get_format
 
 # Largest allowed max|y - ref| / max|ref| per activation dtype: the kernels round dequantized
 # weights to the activation dtype before the dot (as bitsandbytes and cuBLAS paths do) and
@@ -17,25 +17,16 @@ def make_case(fmt: str, n: int, k: int, group: int, *, symmetric: bool = False, 
     """Quantize a fresh random W [n, k]: the keyword arguments of ``interface.run_kernel`` (plus fmt/n/k/group)."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * (0.5 + torch.rand(n, 1, generator=gen))  # rows of varied scale
-    case: dict = {"fmt": fmt, "n": n, "k": k, "group": group}
-    if fmt == "int4":
-        d = formats.quantize_int4(w, group, symmetric=symmetric)
-        if d["zeros"] is not None:  # zeros off the integer grid too, as HQQ/GPTQ produce
-            d["zeros"] = (d["zeros"].float() + 0.3 * torch.rand(d["zeros"].shape, generator=gen)).half()
-        case.update(qweight=d["qweight"], scales=d["scales"], zeros=d["zeros"])
-    elif fmt == "int8":
-        d = formats.quantize_int8(w, group)
-        case.update(qweight=d["qweight"], scales=d["scales"])
-    elif fmt in ("nf4", "fp4"):
-        q, absmax = formats.quantize_4bit(w, group, fmt)
-        case["qweight"] = q
-        if double_quant:
-            d = formats.double_quant(absmax)
-            case["dq"] = (d["qabsmax"], d["absmax2"], d["code2"], d["offset"])
-        else:
-            case["absmax"] = absmax
-    else:
+    form = get_format(fmt)
+    if not form.ops:
         raise ValueError(f"unknown format {fmt!r}; expected one of int4, int8, nf4, fp4")
+    d = form.quantize(w, group, symmetric=symmetric, double_quant=double_quant)
+    if d.get("zeros") is not None:  # zeros off the integer grid too, as HQQ/GPTQ produce
+        d["zeros"] = (d["zeros"].float() + 0.3 * torch.rand(d["zeros"].shape, generator=gen)).half()
+    case: dict = {"fmt": fmt, "n": n, "k": k, "group": group}
+    case.update((name, d[name]) for name in ("qweight", "scales", "zeros", "absmax") if name in d)
+    if "qabsmax" in d:
+        case["dq"] = tuple(d[name] for name in DQ_STATS)
     return {key: (v.to(device) if isinstance(v, torch.Tensor) else
                   tuple(t.to(device) for t in v) if isinstance(v, tuple) else v) for key, v in case.items()}
 

@@ -2,7 +2,7 @@
 
 On a CPU whose bitsandbytes library reports AVX512-BF16, ``Linear4bit.forward`` (eval, no grad)
 repacks the weight into tiles with a bfloat16 transposed absmax and computes in bfloat16
-(``effnb/quant/bnb.py`` says exactly what changes). ``has_avx512bf16`` is read once per layer in
+(``kernels/bnb.py`` says exactly what changes). ``has_avx512bf16`` is read once per layer in
 ``Linear4bit.__init__``, so patching it in ``bitsandbytes.nn.modules`` before the layers are built
 picks the path. Where the CPU has no AVX512-BF16, the repacked path's bf16 kernel is not there
 (bitsandbytes registers it only on such CPUs): ``_emulated_gemv`` stands in for it (decodes the
@@ -20,13 +20,13 @@ pytest.importorskip("peft")
 
 import bitsandbytes.functional as BF  # noqa: E402
 import bitsandbytes.nn.modules as BM  # noqa: E402
+from effnb.kernels import bnb as EB  # noqa: E402
+from effnb.kernels import reference as F  # noqa: E402
+from effnb.kernels.linear import QuantLinear  # noqa: E402
 
 import effnb  # noqa: E402
-from effnb.quant import bnb as EB  # noqa: E402
-from effnb.quant import formats as F  # noqa: E402
-from effnb.quant import methods  # noqa: E402
+from effnb.quant import rounding  # noqa: E402
 from effnb.quant.config import QuantConfig  # noqa: E402
-from effnb.quant.linear import QuantLinear  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,7 +40,7 @@ FORWARD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 def _emulated_gemv(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
     """Stands in for bitsandbytes' AVX512-BF16 ``gemv_4bit`` on a repacked weight: bf16 in, bf16 out."""
     n, k = (int(d) for d in state.shape)
-    q = EB._unpack_cpu_codes(B, n, k)
+    q = EB.unpack_cpu_codes(B, n, k)
     w = F.dequantize_4bit(q, state.absmax.T.reshape(-1).float(), state.blocksize, state.quant_type, (n, k))
     res = torch.nn.functional.linear(A.to(torch.bfloat16), w.to(torch.bfloat16)).to(A.dtype)
     if out is not None:
@@ -68,10 +68,10 @@ def _layer(double_quant: bool, n: int = 96, k: int = 256):
     w[3, :64] *= 20  # a block with a large absmax
     bias = torch.randn(n) * 0.1
     cfg = QuantConfig(method="nf4", backend="bitsandbytes", double_quant=double_quant)
-    t = methods.rtn(w, "nf4", cfg.group_size, double_quant=double_quant)
+    t = rounding.rtn(w, "nf4", cfg.group_size, double_quant=double_quant)
     t.pop("_sq_err", None)
     ours = QuantLinear(k, n, "nf4", cfg.group_size, t, bias, backend="reference")
-    return ours, EB.to_bnb_module(w, bias, cfg, t, k, n).eval()
+    return ours, EB.to_bnb_module(w, bias, t, fmt="nf4", group_size=cfg.group_size, k=k, n=n, double_quant=double_quant).eval()
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -203,7 +203,7 @@ def _rel_norm(a, b) -> float:
 
 @pytest.mark.filterwarnings("ignore:Merge lora module to 4-bit linear")  # PEFT's own note, expected
 def test_merge_onto_bitsandbytes_4bit_has_effnb_nf4_error(cpu_path):
-    """Without effnb.quant.bnb.restore_layout, PEFT's merge decodes the repacked tiles as canonical bytes:
+    """Without effnb.kernels.bnb.restore_layout, PEFT's merge decodes the repacked tiles as canonical bytes:
     relative logit error against the fp32 adapted model 0.68, against 0.12 onto effnb's NF4 (this test's
     model and adapters; measured 2026-11-30 on a 2-core AMD EPYC without AVX-512, path forced, kernel
     emulated; the issue reports 0.715 on a CPU with AVX512-BF16)."""

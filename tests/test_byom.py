@@ -222,10 +222,10 @@ def test_a_hub_id_not_in_the_cache_fails_fast_offline(env, tmp_path):
 
 
 def test_offline_probe_is_quick():
-    from effnb.models import _probe_hub
+    from effnb.models import probe_hub
 
     t = time.perf_counter()
-    assert _probe_hub("http://127.0.0.1:9") is False
+    assert probe_hub("http://127.0.0.1:9") is False
     assert time.perf_counter() - t < 1.5
 
 

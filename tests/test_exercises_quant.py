@@ -36,9 +36,10 @@ def test_int4_bytes(capsys):
 
 
 def test_int4_bytes_matches_what_effnb_stores():
+    from effnb.kernels import reference as F
+    from effnb.kernels.linear import QuantLinear
+
     from effnb.exercises.quant import int4_layer_bytes
-    from effnb.quant import formats as F
-    from effnb.quant.linear import QuantLinear
 
     w = torch.randn(96, 256)
     layer = QuantLinear(256, 96, "int4", 64, F.quantize_int4(w, 64))

@@ -33,7 +33,7 @@ def quantized(tiny_llama):
 
 
 def _layers(model):
-    from effnb.quant.linear import QuantLinear
+    from effnb.kernels.linear import QuantLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -266,7 +266,6 @@ def test_compressed_tensors_refuses_asymmetric_int4(quantized, tmp_path):
 
 def test_export_command(quantized, tmp_path):
     from effnb import commands
-    from effnb.exporters import command  # noqa: F401  (registers "export"; the lead lists it in _COMMAND_MODULES)
 
     cmd = commands.get_command("export")
     target = str(tmp_path / "c.gguf")

@@ -360,7 +360,7 @@ def test_qlora_frozen_quantized_layers_keep_no_float_weight(nf4):
 
 
 def test_qlora_merge_requantizes_and_reports_the_measured_error(nf4_lora):
-    from effnb.quant.linear import QuantLinear
+    from effnb.kernels.linear import QuantLinear
 
     _, res = nf4_lora
     tuned = effnb.finetune(res.model, **{**FAST, "steps": 3, "lr": 2e-2})
@@ -375,6 +375,33 @@ def test_qlora_merge_requantizes_and_reports_the_measured_error(nf4_lora):
     assert err["max_abs_diff"] == pytest.approx(direct, rel=1e-5, abs=1e-7)
     assert err["max_abs_diff"] > 0 and err["max_abs_weight_error"] > 0
     assert len(err["layers"]) == len(res.details["modules"])
+
+
+@pytest.mark.parametrize("fmt,group,sym,dq", [
+    ("int4", 32, False, False), ("int4", 32, True, False), ("int8", 32, False, False), ("int8", 96, False, False),
+    ("nf4", 64, False, False), ("nf4", 64, False, True), ("fp4", 64, False, False), ("fp8", 32, False, False)])
+def test_requantize_matches_round_to_nearest(fmt, group, sym, dq):
+    """merge's re-quantization (the Format table's reference) gives the very tensors of effnb.quantize's rtn."""
+    from effnb.kernels.linear import QuantLinear
+
+    from effnb.adapters.qlora import requantize
+    from effnb.quant.rounding import rtn
+
+    def rounded(w):
+        out = rtn(w, fmt, group if group != w.shape[1] or fmt not in ("int8", "fp8") else 0,
+                  symmetric=sym, double_quant=dq)
+        out.pop("_sq_err", None)
+        return {k: v for k, v in out.items() if v is not None}
+
+    torch.manual_seed(0)
+    w0, w = torch.randn(48, 96), torch.randn(48, 96)
+    layer = QuantLinear(96, 48, fmt, group, rounded(w0), None, method=fmt)
+    got, want = requantize(layer, w), rounded(w)
+    assert got.fmt == fmt and got.group_size == group and got.double_quant == dq
+    held = {k: v for k, v in got.state_dict().items() if v is not None}
+    assert set(held) == set(want)
+    for name, t in want.items():
+        assert torch.equal(held[name], t), name
 
 
 def test_qlora_on_bitsandbytes_4bit(llama):

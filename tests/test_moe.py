@@ -333,9 +333,10 @@ def _expert_bytes(model) -> tuple[int, int]:
 @pytest.mark.parametrize("method,max_ratio,max_rel_err", [("int8", 0.27, 0.02), ("int4", 0.16, 0.2),
                                                           ("nf4", 0.16, 0.2)])
 def test_quantize_moe_quantizes_every_expert(tiny_moe, method, max_ratio, max_rel_err):
-    from effnb.measure.memory import count_parameters, weight_bytes
+    from effnb.kernels.linear import QuantLinear
+
     from effnb.experts.quant import QuantMoEFFN
-    from effnb.quant.linear import QuantLinear
+    from effnb.measure.memory import count_parameters, weight_bytes
 
     before = effnb.state_hash(tiny_moe)
     res = effnb.quantize(tiny_moe, method=method, group_size=32, measure=False)

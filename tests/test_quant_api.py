@@ -63,8 +63,11 @@ def _correlated_layer(n=96, k=256, seed=0):
 def test_gptq_cuts_output_error_on_held_out_inputs(symmetric):
     """GPTQ minimises the layer's output error on its inputs: on held-out inputs of the same
     distribution it beats round-to-nearest and HQQ clearly (here by more than a third)."""
-    from effnb.quant import formats as F
-    from effnb.quant import methods
+    from effnb.kernels import reference as F
+
+    from effnb.quant import gptq as G
+    from effnb.quant import hqq as H
+    from effnb.quant import rounding
 
     w, x_cal, x_test = _correlated_layer()
 
@@ -72,23 +75,25 @@ def test_gptq_cuts_output_error_on_held_out_inputs(symmetric):
         q = F.dequantize_int4(t["qweight"], t["scales"], t.get("zeros"), 64)
         return ((x_test @ (w - q).T).norm() / (x_test @ w.T).norm()).item()
 
-    rtn = out_err(methods.rtn(w, "int4", 64, symmetric=symmetric))
-    gptq = out_err(methods.gptq(w, x_cal.T @ x_cal, 4, 64, symmetric=symmetric))
+    rtn = out_err(rounding.rtn(w, "int4", 64, symmetric=symmetric))
+    gptq = out_err(G.gptq(w, x_cal.T @ x_cal, 4, 64, symmetric=symmetric))
     assert gptq < 0.67 * rtn, (gptq, rtn)
     if not symmetric:
-        assert out_err(methods.hqq(w, 4, 64)) < rtn
+        assert out_err(H.hqq(w, 4, 64)) < rtn
 
 
 def test_gptq_compiled_loop_equals_pytorch_loop(monkeypatch):
-    from effnb.quant import cpu_ext, methods
+    from effnb.kernels import cpu as cpu_ext
+
+    from effnb.quant import gptq as G
 
     if cpu_ext.library() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
     w, x_cal, _ = _correlated_layer(n=32, k=192, seed=1)
     h = x_cal.T @ x_cal
-    fast = methods.gptq(w, h, 4, 64, block=64)
+    fast = G.gptq(w, h, 4, 64, block=64)
     monkeypatch.setattr(cpu_ext, "library", lambda quiet=False: None)
-    ref = methods.gptq(w, h, 4, 64, block=64)
+    ref = G.gptq(w, h, 4, 64, block=64)
     same = (fast["qweight"] == ref["qweight"]).float().mean().item()
     assert same > 0.995, f"codes agree on {same:.4f} of bytes"  # fp32 summation order may flip a rare tie
     assert torch.equal(fast["scales"], ref["scales"])
@@ -156,11 +161,11 @@ def test_already_quantized_and_no_linear_refused(tiny):
 
 
 def test_failure_part_way_leaves_input_intact(tiny, monkeypatch):
-    from effnb.quant import methods
+    from effnb.quant import rounding
 
     before = effnb.state_hash(tiny)
     calls = {"n": 0}
-    real = methods.rtn
+    real = rounding.rtn
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -168,7 +173,7 @@ def test_failure_part_way_leaves_input_intact(tiny, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(methods, "rtn", flaky)
+    monkeypatch.setattr(rounding, "rtn", flaky)
     for inplace in (False, True):
         calls["n"] = 0
         with pytest.raises(KeyboardInterrupt):
@@ -186,7 +191,7 @@ def test_save_load_identical_logits(tiny, tmp_path):
 
 
 # bitsandbytes computes a CPU 4-bit forward in the layer's compute dtype, or in bfloat16 where its library
-# reports AVX512-BF16 (it repacks the weight on the first eval forward: effnb/quant/bnb.py). Logits are
+# reports AVX512-BF16 (it repacks the weight on the first eval forward: kernels/bnb.py). Logits are
 # compared at that dtype's precision: max |difference| / max |logit|. fp32: summation order only;
 # bf16: activations and weights rounded to 8 significant bits (measured 2.9e-3 on tiny-llama with the
 # repacked path forced and its kernel emulated as in tests/test_bnb_cpu_paths.py, 2-core AMD EPYC, AVX2).
@@ -194,7 +199,7 @@ BNB_LOGIT_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def _assert_logits_at_bnb_precision(bnb_model, got, want):
-    from effnb.quant.bnb import forward_dtype
+    from effnb.kernels.bnb import forward_dtype
 
     dtypes = {forward_dtype(m) for m in bnb_model.modules() if type(m).__name__ == "Linear4bit"}
     tol = max(BNB_LOGIT_TOL[d] for d in dtypes)
@@ -204,8 +209,8 @@ def _assert_logits_at_bnb_precision(bnb_model, got, want):
 
 def _assert_same_4bit_weights(bnb_model, effnb_model):
     """Layer by layer: the same codes and statistics, the same fp32 weights, exactly."""
-    from effnb.quant import formats as F
-    from effnb.quant.bnb import canonical_4bit, dequantize_bnb, layout
+    from effnb.kernels import reference as F
+    from effnb.kernels.bnb import canonical_4bit, dequantize_bnb, layout
 
     layers = {n: m for n, m in effnb_model.named_modules() if type(m).__name__ == "QuantLinear"}
     assert len(layers) == 14
@@ -228,7 +233,7 @@ def test_bitsandbytes_export_loads_in_transformers(tiny, tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from effnb.quant.serialize import export_bitsandbytes
+    from effnb.exporters.bitsandbytes import export_bitsandbytes
 
     q = effnb.quantize(tiny, method="nf4", double_quant=True, measure=False).model
     export_bitsandbytes(q, tmp_path / "bnb")

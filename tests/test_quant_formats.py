@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from effnb.quant import cpu_ext
-from effnb.quant import formats as F
-from effnb.quant.linear import QuantLinear
+from effnb.kernels import cpu as cpu_ext
+from effnb.kernels import reference as F
+from effnb.kernels.linear import QuantLinear
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -95,7 +94,7 @@ def test_decode_threading_modes_are_named():
 @pytest.mark.parametrize("fmt,g,symmetric", [("int4", 64, False), ("int4", 32, True), ("int8", 64, False),
                                              ("int8", 192, False)])
 def test_compiled_rtn_equals_reference(fmt, g, symmetric):
-    from effnb.quant import methods
+    from effnb.quant import rounding
 
     if cpu_ext.library() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
@@ -104,7 +103,7 @@ def test_compiled_rtn_equals_reference(fmt, g, symmetric):
     w[0, :64] = 0.0  # an all-zero group
     w[1, :64] = 0.3  # a constant group
     w[2] *= 1e-6     # tiny values
-    fast = methods._rtn_compiled(w, fmt, g, symmetric)
+    fast = rounding.rtn_compiled(w, fmt, g, symmetric)
     ref = F.quantize_int4(w, g, symmetric) if fmt == "int4" else F.quantize_int8(w, g)
     for name, t in ref.items():
         if t is None:
@@ -134,7 +133,7 @@ def test_prefill_and_training_take_the_compiled_path_and_equal_the_reference(fmt
     input gradients equal the reference path exactly."""
     if cpu_ext.library() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
-    from effnb.quant.backends import cpu_dequantize
+    from effnb.kernels.ops import cpu_dequantize
 
     layer, _ = _layer(fmt, **kw)
     assert torch.equal(cpu_dequantize(layer), layer.dequantize())
@@ -194,7 +193,7 @@ def test_double_quant_equals_bitsandbytes_compress_statistics():
 
 
 def test_bitsandbytes_layer_reads_effnb_weights_and_back():
-    from effnb.quant.bnb import dequantize_bnb, from_bnb_module, quant_state
+    from effnb.kernels.bnb import dequantize_bnb, from_bnb_module, quant_state
 
     layer, _ = _layer("nf4", bias=False)
     m = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False, compute_dtype=torch.float32,
@@ -204,7 +203,7 @@ def test_bitsandbytes_layer_reads_effnb_weights_and_back():
                                  quant_type="nf4", bnb_quantized=True, module=m)
     x = torch.randn(3, layer.in_features)
     assert torch.equal(dequantize_bnb(m), layer.dequantize())
-    from effnb.quant.bnb import forward_dtype
+    from effnb.kernels.bnb import forward_dtype
 
     m.eval()  # as a user runs it: on AVX512-BF16 CPUs bitsandbytes then computes in bf16, whatever compute_dtype says
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[forward_dtype(m)]
@@ -232,7 +231,8 @@ def test_compiled_4bit_quantizer_equals_reference(quant_type, blocksize):
 
 
 def test_compiled_hqq_matches_reference():
-    from effnb.quant import methods
+    from effnb.quant import hqq as H
+    from effnb.quant import rounding
 
     if cpu_ext.library() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
@@ -244,7 +244,7 @@ def test_compiled_hqq_matches_reference():
         deq = F.dequantize_int4(t["qweight"], t["scales"], t["zeros"], 64)
         return 10 * torch.log10(w.pow(2).sum() / (w - deq).pow(2).sum()).item()
 
-    fast, ref, rtn = methods.hqq(w, 4, 64), methods.hqq_reference(w, 4, 64), methods.rtn(w, "int4", 64)
+    fast, ref, rtn = H.hqq(w, 4, 64), H.hqq_reference(w, 4, 64), rounding.rtn(w, "int4", 64)
     assert abs(snr(fast) - snr(ref)) < 0.05, (snr(fast), snr(ref))
     assert snr(fast) > snr(rtn) + 0.3
     deq = F.dequantize_int4(fast["qweight"], fast["scales"], fast["zeros"], 64)
@@ -255,7 +255,7 @@ def test_hqq_nf4_grid_compiled_equals_reference_and_beats_plain_nf4():
     """Default ``hqq``: NF4 codes with a searched block scale. The compiled search picks the same
     scales and codes as the PyTorch reference, the scale is never above the block's absmax, and the
     magnitude-weighted error it minimises is never above plain NF4's (absmax is one candidate)."""
-    from effnb.quant import methods
+    from effnb.quant import hqq as H
 
     if cpu_ext.library() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_ext.status()['reason']}")
@@ -263,7 +263,7 @@ def test_hqq_nf4_grid_compiled_equals_reference_and_beats_plain_nf4():
     w = torch.randn(96, 256) * 0.02
     w[3, 5] = 0.3  # an outlier
     w[7, :64] = 0.0  # an all-zero block
-    fast, ref = methods.hqq_nf4(w, 64), methods.hqq_nf4_reference(w, 64)
+    fast, ref = H.hqq_nf4(w, 64), H.hqq_nf4_reference(w, 64)
     assert (fast["qweight"] == ref["qweight"]).float().mean().item() > 0.995
     assert (fast["absmax"] == ref["absmax"]).float().mean().item() > 0.99
     am = w.reshape(-1, 64).abs().amax(-1)
@@ -272,7 +272,7 @@ def test_hqq_nf4_grid_compiled_equals_reference_and_beats_plain_nf4():
     assert fast["_sq_err"] == pytest.approx((w.double() - deq.double()).pow(2).sum().item(), rel=1e-5)
     packed, absmax = F.quantize_4bit(w, 64, "nf4")
     plain = F.dequantize_4bit(packed, absmax, 64, "nf4", w.shape)
-    wt = 1 + methods.NF4_SEARCH_ALPHA * (w.reshape(-1, 64) / am.clamp(min=1e-38).unsqueeze(1)).pow(2)
+    wt = 1 + H.NF4_SEARCH_ALPHA * (w.reshape(-1, 64) / am.clamp(min=1e-38).unsqueeze(1)).pow(2)
 
     def werr(d):
         return (wt * (w - d).reshape(-1, 64).pow(2)).sum(-1)

@@ -188,7 +188,7 @@ CHILD = textwrap.dedent("""
 
     warm, big, out = sys.argv[1:4]
     effnb.quantize(warm, method="nf4", save_to=out + "-warm", measure=False)  # imports, compiled kernels
-    from effnb.measure.memory import trim_heap
+    from effnb.torch_utils import trim_heap
     trim_heap()
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
     base = status("VmRSS")

@@ -146,7 +146,7 @@ def test_lora_explorer_counts_match_effnb_lora(tiny_llama):
     assert lx.set(rank=8, targets="attn", dora=False)["trainable_parameters"] == 2 * 8 * ((64 + 64) + (64 + 32))
     assert effnb.state_hash(tiny_llama) == before
     mem = {b["variant"]: b["total_bytes"] for b in lx.stats["memory"]}
-    assert mem["QLoRA (NF4 base)"] < mem["LoRA (fp32 base)"] < mem["full fine-tuning"]
+    assert mem["QLoRA (nf4 base, blocksize 64)"] < mem["LoRA (fp32 base)"] < mem["full fine-tuning (fp32)"]
     lx.widget  # noqa: B018
     lx._w_rank.value = 16
     assert lx.stats["rank"] == 16 and f"{lx.stats['trainable_parameters']:,}" in lx._w_summary.value
@@ -285,8 +285,8 @@ def test_training_monitor_headless():
 
 
 def test_training_monitor_live_view(monkeypatch):
-    import effnb.widgets._base as base
-    import effnb.widgets.training as training
+    import effnb.adapters.monitor as training
+    import effnb.display as base
     from effnb.widgets import TrainingMonitor
 
     shown = []

@@ -40,7 +40,7 @@ def test_widgets_leave_static_views_in_a_papermill_run(tmp_path):
 @pytest.mark.parametrize("static", ["1"])
 def test_static_mode_shows_no_widget_view(tmp_path, monkeypatch, static):
     """EFFNB_STATIC_WIDGETS=1: only the static view, even in a kernel."""
-    from effnb.widgets._base import in_kernel
+    from effnb.display import in_kernel
 
     monkeypatch.setenv("EFFNB_STATIC_WIDGETS", static)
     assert in_kernel() is False

@@ -14,14 +14,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import FinetuneArgs, LoraArgs, MergeArgs
+from .config import FinetuneConfig, LoraConfig, MergeConfig
 
 _LAZY = {
-    "lora": ".api", "finetune": ".api", "merge": ".api", "save_adapter": ".api", "load_adapter": ".api",
+    "lora": ".api", "finetune": ".api", "merge": ".api", "save_adapter": ".adapter_io", "load_adapter": ".adapter_io",
     "qa_pairs": ".task", "build_task": ".task", "QuantLoraLinear": ".qlora", "resolve_targets": ".targets",
+    "TrainingMonitor": ".monitor",
 }
 
-__all__ = ["FinetuneArgs", "LoraArgs", "MergeArgs", *_LAZY]
+__all__ = ["FinetuneConfig", "LoraConfig", "MergeConfig", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,8 @@
 """Options of ``effnb.lora``, ``effnb.finetune`` and ``effnb.merge`` (no torch import here).
 
+Each derives from ``effnb.technique.TechniqueConfig`` (``inplace``, ``measure``, ``name``); here
+``measure`` is off by default: adapters and training are judged by their own numbers (trainable
+share, held-out loss, merge error), and a speed and perplexity run would double their time.
 The magic and the CLI derive their ``--options`` from these fields, so ``%efficient lora --help``
 and these docstrings cannot drift apart. Values are checked in ``__post_init__``; a bad one raises
 ``ValueError`` naming it and what is allowed.
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field, fields
 
 from ..data import check_text
 from ..options import MAX_TOKENS, check_bool, check_int, check_number, did_you_mean, reject_unknown
+from ..technique import TechniqueConfig
 
 PRESETS = ("attn", "attn-all", "mlp", "all")
 TASKS = ("python-api",)
@@ -46,7 +50,7 @@ def _from_kwargs(cls, what: str, kwargs: dict):
 
 
 @dataclass
-class LoraArgs:
+class LoraConfig(TechniqueConfig):
     """Options of ``effnb.lora``: which layers get adapters, their rank and scaling, the variant."""
 
     rank: int = field(default=8, metadata={"help": "rank r of each adapter (B @ A with A: r x in, B: out x r)"})
@@ -72,7 +76,8 @@ class LoraArgs:
         "help": "attach the adapters to the given model instead of a copy", "cli": False})
 
     def __post_init__(self) -> None:
-        for name in ("dora", "measure", "share_base", "inplace"):
+        super().__post_init__()
+        for name in ("dora", "share_base"):
             check_bool(name, getattr(self, name))
         if self.share_base and self.inplace:
             raise ValueError("share_base applies to the adapted copy; with inplace=True there is no copy")
@@ -104,7 +109,7 @@ class LoraArgs:
         self.seed = _positive_int("seed", self.seed, allow_zero=True, maximum=2**63 - 1)
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> LoraArgs:
+    def from_kwargs(cls, **kwargs) -> LoraConfig:
         return _from_kwargs(cls, "lora", kwargs)
 
     def to_dict(self) -> dict:
@@ -119,7 +124,7 @@ def _looks_like_module_name(text: str) -> bool:
 
 
 @dataclass
-class FinetuneArgs:
+class FinetuneConfig(TechniqueConfig):
     """Options of ``effnb.finetune``: data, schedule, evaluation. Defaults fit a 2-core CPU in about a minute."""
 
     data: str | list[str] = field(default="python-api", metadata={
@@ -145,10 +150,13 @@ class FinetuneArgs:
     max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per held-out answer"})
     live: bool = field(default=True, metadata={"help": "live loss plot in a notebook (a static figure otherwise)"})
     seed: int = field(default=0, metadata={"help": "seed for data order and dropout"})
+    measure: bool = field(default=False, metadata={
+        "help": "also measure speed and perplexity of the model before and after training (slower)"})
     inplace: bool = field(default=False, metadata={"help": "train the given model instead of a copy", "cli": False})
 
     def __post_init__(self) -> None:
-        for name in ("gradient_checkpointing", "live", "inplace"):
+        super().__post_init__()
+        for name in ("gradient_checkpointing", "live"):
             check_bool(name, getattr(self, name))
         for name in ("steps", "batch_size"):
             setattr(self, name, _positive_int(name, getattr(self, name)))
@@ -180,7 +188,7 @@ class FinetuneArgs:
                              f"got {type(self.data).__name__}")
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> FinetuneArgs:
+    def from_kwargs(cls, **kwargs) -> FinetuneConfig:
         return _from_kwargs(cls, "finetune", kwargs)
 
     def to_dict(self) -> dict:
@@ -191,20 +199,22 @@ class FinetuneArgs:
 
 
 @dataclass
-class MergeArgs:
+class MergeConfig(TechniqueConfig):
     """Options of ``effnb.merge``: fold the adapters into the base weights."""
 
     adapter_name: str | None = field(default=None, metadata={"help": "adapter to merge (default: the active one)"})
     check_tokens: int = field(default=64, metadata={
         "help": "held-out tokens on which merged and adapted logits are compared"})
+    measure: bool = field(default=False, metadata={
+        "help": "also measure speed and perplexity of the adapted and merged models (slower)"})
     inplace: bool = field(default=False, metadata={"help": "merge into the given model instead of a copy", "cli": False})
 
     def __post_init__(self) -> None:
-        check_bool("inplace", self.inplace)
+        super().__post_init__()
         self.check_tokens = _positive_int("check_tokens", self.check_tokens, maximum=MAX_TOKENS)
         if self.adapter_name is not None and not isinstance(self.adapter_name, str):
             raise ValueError(f"adapter_name must be a string, got {self.adapter_name!r}")
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> MergeArgs:
+    def from_kwargs(cls, **kwargs) -> MergeConfig:
         return _from_kwargs(cls, "merge", kwargs)

@@ -1,4 +1,4 @@
-"""QLoRA on effnb's own quantized layers: a PEFT LoRA layer around ``effnb.quant``'s ``QuantLinear``.
+"""QLoRA on effnb's own quantized layers: a PEFT LoRA layer around ``QuantLinear`` (``effnb.kernels.linear``).
 
 bitsandbytes layers need one thing from us (PEFT ships their LoRA layers): on a CPU with AVX512-BF16,
 bitsandbytes repacks a ``Linear4bit`` on its first eval no-grad forward, and from then on every forward,
@@ -33,7 +33,7 @@ class _DequantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # grad_y: [..., N] -> grad_x: [..., K]; the weight is frozen
-        from ..quant.backends import dequantize_fast
+        from ..kernels.ops import dequantize_fast
 
         w = dequantize_fast(ctx.layer).to(device=grad_y.device, dtype=grad_y.dtype)  # [N, K]
         return grad_y @ w, None
@@ -58,7 +58,7 @@ def keep_frozen_layers_lean(model) -> int:
     model. Set per instance on the model being adapted (never on the class); the state dict is
     unchanged. Returns the number of layers routed.
     """
-    from ..quant.linear import QuantLinear
+    from ..kernels.linear import QuantLinear
 
     n = 0
     for m in model.modules():
@@ -132,22 +132,23 @@ class QuantLoraLinear(torch.nn.Module, LoraLayer):
 def requantize(layer, w: torch.Tensor):
     """A new ``QuantLinear`` in ``layer``'s format and group size holding ``w`` ([out, in]).
 
-    Round-to-nearest in the layer's own format: exact re-use of the format that ``effnb.quantize``
-    stored (nf4/fp4 blocks with or without double quantization, int4/int8/fp8 groups). Layers made
-    by hqq or gptq are re-quantized by round-to-nearest in the same format; the report says so.
+    Round-to-nearest in the layer's own format (its ``Format.quantize``): exact re-use of the format
+    that ``effnb.quantize`` stored (nf4/fp4 blocks with or without double quantization, int4 with or
+    without zero points, int8/fp8 groups). Layers made by hqq or gptq are re-quantized by
+    round-to-nearest in the same format; the report says so.
     """
-    from ..quant import methods
-    from ..quant.linear import QuantLinear
+    from ..kernels.formats import get_format
 
-    symmetric = layer.fmt == "int4" and getattr(layer, "zeros", None) is None
-    tensors = methods.rtn(w.float().contiguous(), layer.fmt, layer.group_size if layer.group_size != layer.in_features
-                          or layer.fmt not in ("int8", "fp8") else 0,
-                          symmetric=symmetric, double_quant=layer.double_quant)
-    tensors.pop("_sq_err", None)  # rtn's squared error (for reports), not a tensor of the layer
+    form = get_format(layer.fmt)
+    opts = {}
+    if "zeros" in form.buffers:  # a format with optional zero points: keep the layer's choice
+        opts["symmetric"] = getattr(layer, "zeros", None) is None
+    if "qabsmax" in form.buffers:  # a format whose block absmax may be double-quantized: likewise
+        opts["double_quant"] = layer.double_quant
+    tensors = form.quantize(w.float().contiguous(), layer.group_size, **opts)
     bias = layer.bias.detach() if layer.bias is not None else None
-    new = QuantLinear(layer.in_features, layer.out_features, layer.fmt, layer.group_size, tensors, bias,
-                      backend=layer.backend, method=layer.method)
-    return new
+    return type(layer)(layer.in_features, layer.out_features, layer.fmt, layer.group_size, tensors, bias,
+                       backend=layer.backend, method=layer.method)
 
 
 def bnb_layers_for_training(model) -> int:
@@ -158,13 +159,13 @@ def bnb_layers_for_training(model) -> int:
 
     if sys.modules.get("bitsandbytes") is None:  # not loaded, or blocked (sys.modules entry None)
         return 0
-    from ..quant.bnb import restore_layout
+    from ..kernels.bnb import restore_layout
 
     return restore_layout(model)
 
 
 def register(lora_config) -> None:
     """Tell PEFT to wrap effnb's ``QuantLinear`` layers with ``QuantLoraLinear``."""
-    from ..quant.linear import QuantLinear
+    from ..kernels.linear import QuantLinear
 
     lora_config._register_custom_module({QuantLinear: QuantLoraLinear})

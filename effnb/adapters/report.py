@@ -12,12 +12,17 @@ from __future__ import annotations
 import os
 import tempfile
 
-NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per block of 64
+QLORA_BLOCKSIZE = 64  # the QLoRA paper's NF4 block (and bitsandbytes' default)
+
+
+BNB_LAYERS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' quantized layers, by name: the library is optional
 
 
 def is_quantized_layer(m) -> bool:
-    name = type(m).__name__
-    return name in ("QuantLinear", "Linear4bit", "Linear8bitLt") and not hasattr(m, "lora_A")
+    """A quantized base layer (effnb's or bitsandbytes'), not one already wrapped with adapters."""
+    from ..torch_utils import is_quantized_linear
+
+    return (is_quantized_linear(m) or type(m).__name__ in BNB_LAYERS) and not hasattr(m, "lora_A")
 
 
 def quantized_layers(model) -> list[str]:
@@ -55,17 +60,33 @@ def float_checkpoint_bytes(model) -> int:
     return (total - adapter) * 4
 
 
-def memory_budgets(model, *, base_params: int, trainable: int, linear_params: int) -> list[dict]:
-    """Weights / gradients / AdamW state for full fine-tuning, LoRA and QLoRA (nf4) of this model, computed."""
+def light_audit():
+    """The measurement of ``measure=True``: one short run of speed and perplexity, no energy (fine-tuning
+    and adapters are judged by their own numbers; this is a quick look, not a benchmark)."""
+    from ..measure import AuditConfig
+
+    return AuditConfig(repeats=1, warmup=0, decode_tokens=8, quality_tokens=512, window=256, energy=False)
+
+
+def memory_budgets(*, base_params: int, trainable: int, linear_params: int) -> list[dict]:
+    """Weights / gradients / AdamW state for full fine-tuning, LoRA and QLoRA (nf4) of this model, computed.
+
+    ``base_params``: parameters of the model without adapters; ``trainable``: adapter parameters;
+    ``linear_params``: the base weights a QLoRA base stores in NF4 (the rest stays fp32).
+    """
+    from ..kernels.formats import get_format
+
     fp32 = 4
+    # 4-bit codes + one fp32 absmax per block, as the Format table stores NF4 (0.5625 bytes per weight)
+    nf4 = get_format("nf4").storage_bytes(1, QLORA_BLOCKSIZE, QLORA_BLOCKSIZE) / QLORA_BLOCKSIZE
     other = base_params - linear_params
     rows = [
         {"variant": "full fine-tuning (fp32)", "weights_bytes": base_params * fp32,
          "gradients_bytes": base_params * fp32, "optimizer_bytes": 2 * base_params * fp32},
         {"variant": "LoRA (fp32 base)", "weights_bytes": base_params * fp32 + trainable * fp32,
          "gradients_bytes": trainable * fp32, "optimizer_bytes": 2 * trainable * fp32},
-        {"variant": "QLoRA (nf4 base, blocksize 64)",
-         "weights_bytes": int(other * fp32 + linear_params * NF4_BYTES_PER_WEIGHT) + trainable * fp32,
+        {"variant": f"QLoRA (nf4 base, blocksize {QLORA_BLOCKSIZE})",
+         "weights_bytes": int(other * fp32 + linear_params * nf4) + trainable * fp32,
          "gradients_bytes": trainable * fp32, "optimizer_bytes": 2 * trainable * fp32},
     ]
     for r in rows:
@@ -76,14 +97,13 @@ def memory_budgets(model, *, base_params: int, trainable: int, linear_params: in
 
 def linear_parameter_count(model) -> int:
     """Logical weights of the Linear-like layers the quantizer would pack (output head excluded)."""
-    from .targets import adaptable_types
+    from ..torch_utils import linear_layers, output_head
 
-    types = adaptable_types()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_base = getattr(head, "base_layer", head)
+    head = output_head(model)
+    head_base = getattr(head, "base_layer", head)  # the head as PEFT wraps it, when it carries an adapter
     n = 0
-    for name, m in model.named_modules():
-        if not isinstance(m, types) or m is head or m is head_base or ".lora_" in name:
+    for name, m in linear_layers(model):
+        if m is head or m is head_base or ".lora_" in name:  # adapter matrices are not base weights
             continue
         logical = getattr(m, "effnb_logical_numel", None)
         if callable(logical):

@@ -65,52 +65,35 @@ class Targets:
     fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights as [in, out]
 
 
-def adaptable_types():
-    """Layer types PEFT can carry LoRA on, quantized ones included."""
+def is_adaptable(m) -> bool:
+    """A layer PEFT can carry LoRA on: nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt derive from
+    it), transformers' Conv1D, or effnb's QuantLinear (recognised by what it holds: no import of the
+    quantizer)."""
     import torch
 
-    types = [torch.nn.Linear]
+    from ..torch_utils import is_quantized_linear
+
+    if isinstance(m, torch.nn.Linear) or is_quantized_linear(m):
+        return True
     try:
         from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
     except ImportError:  # plain torch models
-        pass
-    try:
-        from ..quant.linear import QuantLinear
-
-        types.append(QuantLinear)
-    except ImportError:  # effnb.quant not installed in this build
-        pass
-    try:
-        import bitsandbytes as bnb
-
-        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-def _strip_peft_prefix(name: str) -> str:
-    # inside a PeftModel names read "base_model.model.<original>"; and LoRA layers wrap the original
-    # layer as ".base_layer"
-    for p in ("base_model.model.",):
-        if name.startswith(p):
-            name = name[len(p):]
-    return name
+        return False
+    return isinstance(m, Conv1D)
 
 
 def adaptable_modules(model) -> dict[str, object]:
     """{module name: module} of the layers an adapter can sit on (output head and embeddings excluded)."""
-    types = adaptable_types()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    from ..torch_utils import output_head
+
+    head = output_head(model)
     out = {}
     for name, m in model.named_modules():
         if ".lora_" in name or ".base_layer" in name or m is head:
             continue
         # a layer that already carries an adapter (a PEFT LoRA layer) can take another one
         inner = m.base_layer if hasattr(m, "lora_A") and hasattr(m, "base_layer") else m
-        if isinstance(inner, types) and inner is not head:
+        if is_adaptable(inner) and inner is not head:
             out[name] = m
     return out
 

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
+from ..torch_utils import device_of, eval_mode, trim_heap
 from .qlora import bnb_layers_for_training
 from .task import Task, pack
-
-
-def device_of(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -35,18 +31,14 @@ def held_out_loss(model, task: Task, seq_len: int, pad_id: int, batch_rows: int 
     One row at a time by default: a row's logits over SmolLM2's 49k-token vocabulary are 25 MB at
     128 tokens, and the evaluation runs in the middle of training, on top of its memory.
     """
-    from ..measure.memory import trim_heap
-
     trim_heap()  # the training steps' freed activations, before this adds its own
     x, y = pack(task.held_out, seq_len, pad_id)
     if max_tokens is not None:
         rows = max(1, -(-max_tokens // seq_len))
         x, y = x[:rows], y[:rows]
     device = device_of(model)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for i in range(0, x.shape[0], batch_rows):
             xb, yb = x[i:i + batch_rows].to(device), y[i:i + batch_rows].to(device)
             logits = model(input_ids=xb).logits.float()
@@ -55,8 +47,6 @@ def held_out_loss(model, task: Task, seq_len: int, pad_id: int, batch_rows: int 
                                                      ignore_index=-100, reduction="sum")
             total += loss.item()
             count += int((target != -100).sum())
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("the held-out data yields no tokens to score")
     return total / count
@@ -66,10 +56,8 @@ def held_out_loss(model, task: Task, seq_len: int, pad_id: int, batch_rows: int 
 def answers(model, tok, questions: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
     """Greedy answers to held-out questions (cut at the end of the first line)."""
     device = device_of(model)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
+    with eval_mode(model):
         for prompt, _ in questions:
             ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -77,8 +65,6 @@ def answers(model, tok, questions: list[tuple[str, str]], max_new_tokens: int) -
                                  else tok.eos_token_id)
             text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
             out.append(text.strip().split("\n")[0].strip())
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -139,7 +125,7 @@ class LivePlot:
 
 
 class WidgetMonitor:
-    """Feeds effnb's ``TrainingMonitor`` widget (``effnb.widgets.training``) from the loop's history."""
+    """Feeds effnb's ``TrainingMonitor`` widget (``monitor.py``) from the loop's history."""
 
     kind = "effnb TrainingMonitor widget"
 
@@ -168,8 +154,8 @@ def make_live_view(live: bool, title: str, steps: int):
     if not (live and _in_notebook()):
         return LivePlot(False, title)
     try:
-        from ..widgets.training import TrainingMonitor
-    except ImportError:
+        from .monitor import TrainingMonitor
+    except ImportError:  # the widget base or ipywidgets missing
         return LivePlot(True, title)
     try:
         monitor = TrainingMonitor(title=title, total_steps=steps)
@@ -210,14 +196,14 @@ def _hf_router_aux(model) -> float | None:
 
 
 def _effnb_aux_loss(model):
-    """Load-balancing loss of effnb MoE blocks after the last forward (``effnb.experts.aux_loss``), or None."""
-    try:
-        from ..experts import aux_loss, moe_blocks
-    except ImportError:  # effnb.moe not in this build
-        return None
-    if not moe_blocks(model):
-        return None
-    return aux_loss(model)
+    """Mean load-balancing loss of the last forward over the modules that offer one, or None.
+
+    A module offers it with an ``effnb_aux_loss()`` method (effnb's MoE blocks, whose own coefficient
+    is included): found by that method on its class, so training needs no import of ``effnb.experts``,
+    and a wrapper that forwards attributes to such a block (PEFT's) is not counted twice.
+    """
+    losses = [m.effnb_aux_loss() for m in model.modules() if callable(getattr(type(m), "effnb_aux_loss", None))]
+    return torch.stack(losses).mean() if losses else None
 
 
 def forward_loss(model, xb, yb, aux_loss_coef: float):
@@ -225,7 +211,7 @@ def forward_loss(model, xb, yb, aux_loss_coef: float):
 
     transformers MoE models return ``aux_loss`` when asked with ``output_router_logits=True`` and
     already add ``router_aux_loss_coef * aux_loss`` to ``loss``; effnb MoE blocks expose it through
-    ``effnb.experts.aux_loss(model)`` (their own coefficient included). Either way the auxiliary term is
+    an ``effnb_aux_loss()`` method (their own coefficient included). Either way the auxiliary term is
     added with ``aux_loss_coef`` as an extra multiplier (0 turns it off).
     """
     router_coef = _hf_router_aux(model) if aux_loss_coef else None
@@ -253,77 +239,103 @@ def optimizer_state_bytes(opt) -> int:
     return total
 
 
-def train(model, task: Task, *, steps: int, lr: float, batch_size: int, seq_len: int, eval_every: int,
-          warmup_steps: int, weight_decay: float, plus_ratio: float | None, max_grad_norm: float,
-          aux_loss_coef: float, seed: int, pad_id: int, live: bool, title: str,
-          before_loss: float | None = None, eval_tokens: int | None = None) -> dict:
-    """Train ``model`` in place; returns the history and measurements (see ``finetune``)."""
-    from tqdm.auto import tqdm
-
+def train(model, task: Task, cfg, *, plus_ratio: float | None, pad_id: int, title: str,
+          before_loss: float | None = None) -> dict:
+    """Train ``model`` in place with the schedule of ``cfg`` (a ``FinetuneConfig``); returns the history
+    and measurements (see ``finetune``)."""
     from ..measure.memory import PeakMemory
     from .task import batches
 
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     device = device_of(model)
-    data = batches(task, seq_len, batch_size, steps, seed, pad_id)
-    opt = make_optimizer(model, lr, weight_decay, plus_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup_steps, steps))
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    data = batches(task, cfg.seq_len, cfg.batch_size, cfg.steps, cfg.seed, pad_id)
+    opt = make_optimizer(model, cfg.lr, cfg.weight_decay, plus_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
     history: dict = {"step": [], "train_loss": [], "aux_loss": [], "lr": [], "step_s": [], "tokens": [],
                      "eval_step": [], "eval_loss": []}
     if before_loss is not None:
         history["eval_step"].append(0)
         history["eval_loss"].append(before_loss)
-    plot = make_live_view(live, title, steps)
+    plot = make_live_view(cfg.live, title, cfg.steps)
     plot.update(history, force=True)
-    interrupted = None
     peak = PeakMemory(str(device))
     model.train()
     # bitsandbytes' AVX512-BF16 CPU path repacks 4-bit layers on eval forwards (the held-out loss above)
     # and then computes without gradients: put them back before training forwards
     bnb_layers_for_training(model)
-    bar = tqdm(total=steps, desc=title, unit="step", leave=True)
+    loop = _Loop(model, task, cfg, opt, sched, history, plot, pad_id, device,
+                 [p for p in model.parameters() if p.requires_grad])
     t_start = time.perf_counter()
-    try:
-        with peak:
-            for step, (xb, yb) in enumerate(data, start=1):
-                t0 = time.perf_counter()
-                xb, yb = xb.to(device), yb.to(device)
-                total, loss, aux = forward_loss(model, xb, yb, aux_loss_coef)
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"the training loss became {total.item()} at step {step}; "
-                                             f"lower lr (now {lr:g}) or max_grad_norm")
-                total.backward()
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                history["step"].append(step)
-                history["train_loss"].append(loss.item())
-                history["aux_loss"].append(aux.item() if aux is not None else None)
-                history["lr"].append(opt.param_groups[0]["lr"])
-                history["step_s"].append(dt)
-                history["tokens"].append(int(xb.numel()))
-                if eval_every and step % eval_every == 0 and step != steps:
-                    history["eval_step"].append(step)
-                    history["eval_loss"].append(held_out_loss(model, task, seq_len, pad_id, max_tokens=eval_tokens))
-                    model.train()
-                    bnb_layers_for_training(model)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{xb.numel() / dt:,.0f}")
-                bar.update(1)
-                plot.update(history)
-    except KeyboardInterrupt:
-        done = len(history["step"])
-        interrupted = f"stopped by Ctrl-C after {done} of {steps} steps; the adapter trained so far is kept"
-        opt.zero_grad(set_to_none=True)
-    finally:
-        bar.close()
-        model.eval()
-    wall = time.perf_counter() - t_start
+    with peak:
+        interrupted = loop.run(data, title)
     return {"history": history, "peak": peak, "optimizer_state_bytes": optimizer_state_bytes(opt),
-            "wall_s": wall, "interrupted": interrupted, "plot": plot,
+            "wall_s": time.perf_counter() - t_start, "interrupted": interrupted, "plot": plot,
             "param_groups": [{"lr": g.get("initial_lr", g["lr"]), "params": len(g["params"])} for g in opt.param_groups]}
+
+
+@dataclass
+class _Loop:
+    """One training run's state, so that a step and the loop around it are separate functions."""
+
+    model: object
+    task: Task
+    cfg: object  # FinetuneConfig
+    opt: object
+    sched: object
+    history: dict
+    plot: object
+    pad_id: int
+    device: torch.device
+    trainable: list
+
+    def run(self, data, title: str) -> str | None:
+        """All steps with a progress bar; returns why training stopped early (Ctrl-C), else None."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.steps, desc=title, unit="step", leave=True)
+        try:
+            for step, (xb, yb) in enumerate(data, start=1):
+                loss, dt, tokens = self.step(step, xb, yb)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / dt:,.0f}")
+                bar.update(1)
+                self.plot.update(self.history)
+        except KeyboardInterrupt:
+            self.opt.zero_grad(set_to_none=True)
+            return (f"stopped by Ctrl-C after {len(self.history['step'])} of {self.cfg.steps} steps; "
+                    "the adapter trained so far is kept")
+        finally:
+            bar.close()
+            self.model.eval()
+        return None
+
+    def step(self, step: int, xb, yb) -> tuple[float, float, int]:
+        """One optimizer step (and the held-out loss when due); returns (loss, seconds, tokens)."""
+        cfg, h = self.cfg, self.history
+        t0 = time.perf_counter()
+        xb, yb = xb.to(self.device), yb.to(self.device)
+        total, loss, aux = forward_loss(self.model, xb, yb, cfg.aux_loss_coef)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"the training loss became {total.item()} at step {step}; "
+                                     f"lower lr (now {cfg.lr:g}) or max_grad_norm")
+        total.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        h["step"].append(step)
+        h["train_loss"].append(loss.item())
+        h["aux_loss"].append(aux.item() if aux is not None else None)
+        h["lr"].append(self.opt.param_groups[0]["lr"])
+        h["step_s"].append(dt)
+        h["tokens"].append(int(xb.numel()))
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            h["eval_step"].append(step)
+            h["eval_loss"].append(held_out_loss(self.model, self.task, cfg.seq_len, self.pad_id,
+                                                max_tokens=cfg.eval_tokens))
+            self.model.train()
+            bnb_layers_for_training(self.model)
+        return loss.item(), dt, int(xb.numel())

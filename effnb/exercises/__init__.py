@@ -9,11 +9,17 @@ A notebook asks the participant to compute something, then calls::
     exercises.write_solutions_notebook("solutions.ipynb")   # every solution, for the instructor
 
 Each topic lives in its own module ``effnb/exercises/<topic>.py`` (loaded on first use) and
-declares its exercises with the :func:`exercise` decorator::
+declares its exercises with the :func:`exercise` decorator, the checker's docstring holding the
+text (kept beside the check, and prose rather than a block of keyword arguments per exercise)::
 
-    @exercise("quant.bytes", prompt="How many bytes ...?", hint="...", solution="answer = ...",
-              explanation="why that is the answer, in a sentence or two")
+    @exercise("quant.bytes", solution="answer = ...")
     def _(answer, *, model):
+        '''How many bytes ...?
+
+        Hint: ...
+
+        Why: why that is the answer, in a sentence or two.
+        '''
         if answer != expected:
             raise ExerciseError(f"{answer} is not ...; remember that ...")
 
@@ -29,7 +35,6 @@ instructor's notebook of every solution comes from the same registry
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import textwrap
@@ -37,8 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..options import did_you_mean
+
 __all__ = ["ExerciseError", "Exercise", "Solution", "exercise", "check", "hint", "solution", "show_solutions",
-           "list_exercises", "write_solutions_notebook", "TOPICS", "NOTEBOOKS", "as_number", "close_to",
+           "list_exercises", "write_solutions_notebook", "TOPICS", "NOTEBOOKS", "as_number", "as_tensor", "close_to",
            "report_row"]
 
 # topic -> module effnb.exercises.<topic>; a key is "<topic>.<name>"
@@ -99,20 +106,38 @@ _REGISTRY: dict[str, Exercise] = {}
 _solutions_enabled = False
 
 
-def exercise(key: str, *, prompt: str, hint: str = "", solution: str = "", explanation: str = "") -> Callable:
+def exercise(key: str, *, solution: str = "") -> Callable:
     """Register the decorated function as the checker of exercise ``key`` ("topic.name").
 
-    ``solution``: code that sets ``answer``, in the variable names of the notebook's exercise cell;
-    ``explanation``: why it is right (shown with the solution, to instructors)."""
+    The checker's docstring is the exercise's text: the prompt, then a paragraph starting ``Hint:``
+    and one starting ``Why:`` (the explanation shown with the solution, to instructors); lines of a
+    paragraph join with spaces. ``solution``: code that sets ``answer``, in the variable names of the
+    notebook's exercise cell."""
     topic = key.split(".", 1)[0]
     if topic not in TOPICS or "." not in key:
         raise ValueError(f"exercise key {key!r} must be '<topic>.<name>' with topic in {', '.join(TOPICS)}")
 
     def register(fn: Callable) -> Callable:
-        _REGISTRY[key] = Exercise(key, prompt, fn, hint, solution, explanation)
+        text = _texts(fn.__doc__ or "")
+        _REGISTRY[key] = Exercise(key, text["prompt"], fn, text["Hint"], solution, text["Why"])
         return fn
 
     return register
+
+
+def _texts(doc: str) -> dict[str, str]:
+    """{"prompt", "Hint", "Why"} from a checker's docstring (see ``exercise``)."""
+    import inspect
+
+    out = {"prompt": [], "Hint": [], "Why": []}
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        text = " ".join(line.strip() for line in paragraph.splitlines())
+        label, sep, rest = text.partition(": ")
+        if sep and label in ("Hint", "Why"):
+            out[label].append(rest)
+        elif text:
+            out["prompt"].append(text)
+    return {name: " ".join(parts) for name, parts in out.items()}
 
 
 def _load_all() -> None:
@@ -136,8 +161,7 @@ def _get(key: str) -> Exercise:
         _load(topic)
     if key not in _REGISTRY:
         _load_all()
-        close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
-        more = f"; did you mean {close[0]!r}?" if close else ""
+        more = did_you_mean(key, _REGISTRY)
         known = ", ".join(sorted(_REGISTRY)) or "none"
         raise ValueError(f"unknown exercise {key!r}{more} Known exercises: {known}")
     return _REGISTRY[key]
@@ -198,8 +222,7 @@ def solution(key: str) -> Solution | None:
 def list_exercises(topic: str | None = None) -> list[str]:
     """Keys of the registered exercises, optionally for one topic."""
     if topic is not None and topic not in TOPICS:
-        close = difflib.get_close_matches(str(topic), TOPICS, n=1)
-        more = f"; did you mean {close[0]!r}?" if close else ""
+        more = did_you_mean(topic, TOPICS)
         raise ValueError(f"unknown topic {topic!r}{more} Topics: {', '.join(TOPICS)}")
     _load_all()
     return sorted(k for k in _REGISTRY if topic is None or k.startswith(topic + "."))
@@ -291,6 +314,16 @@ def as_number(answer: Any, what: str = "the answer") -> float:
     if value != value:  # NaN
         raise ExerciseError(f"{what} is NaN: check for a division by zero or a missing value")
     return value
+
+
+def as_tensor(answer: Any, wanted: str):
+    """``answer`` when it is a torch.Tensor, else an ExerciseError: ``wanted`` (what it should be), then
+    what it is."""
+    import torch
+
+    if not isinstance(answer, torch.Tensor):
+        raise ExerciseError(f"{wanted}, got {type(answer).__name__}")
+    return answer
 
 
 def close_to(value: float, expected: float, rel: float = 0.01, abs_tol: float = 0.0) -> bool:

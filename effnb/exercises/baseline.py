@@ -20,17 +20,16 @@ def _samples(samples, what: str) -> list[float]:
     return vals
 
 
-@exercise(
-    "baseline.median",
-    prompt="`samples` holds the wall times (s) of repeated runs, the first `warmup` of them warm-up runs. "
-           "Compute the figure you would report: the median of the timed runs, warm-up left out.",
-    hint="Slice the warm-up runs off the front of the list, then use statistics.median.",
-    solution="answer = statistics.median(samples[WARMUP:])",
-    explanation="The first run pays one-time costs (allocation, caches, lazy initialisation), so it is left out; "
-                "the median of the rest is the typical run, and one disturbed run cannot move it the way it "
-                "moves the mean.",
-)
+@exercise("baseline.median", solution="answer = statistics.median(samples[WARMUP:])")
 def _median(answer, *, samples, warmup):
+    """`samples` holds the wall times (s) of repeated runs, the first `warmup` of them warm-up runs. Compute
+    the figure you would report: the median of the timed runs, warm-up left out.
+
+    Hint: Slice the warm-up runs off the front of the list, then use statistics.median.
+
+    Why: The first run pays one-time costs (allocation, caches, lazy initialisation), so it is left out; the
+    median of the rest is the typical run, and one disturbed run cannot move it the way it moves the mean.
+    """
     vals = _samples(samples, "samples")
     timed = vals[warmup:]
     if not timed:
@@ -56,16 +55,17 @@ def _median(answer, *, samples, warmup):
                         "or use statistics.median")
 
 
-@exercise(
-    "baseline.speedup",
-    prompt="`base` and `cand` hold interleaved timings (s per run, warm-up already dropped) of the baseline "
-           "and the candidate. How many times faster is the candidate? Use medians.",
-    hint="Speed-up = baseline time / candidate time (above 1 means the candidate is faster). Medians, not means.",
-    solution="answer = statistics.median(base) / statistics.median(cand)",
-    explanation="A speed-up is old time / new time, so above 1 means the candidate is faster. Medians of runs "
-                "interleaved in the same session: both variants saw the same machine state.",
-)
+@exercise("baseline.speedup", solution="answer = statistics.median(base) / statistics.median(cand)")
 def _speedup(answer, *, base, cand):
+    """`base` and `cand` hold interleaved timings (s per run, warm-up already dropped) of the baseline and the
+    candidate. How many times faster is the candidate? Use medians.
+
+    Hint: Speed-up = baseline time / candidate time (above 1 means the candidate is faster). Medians, not
+    means.
+
+    Why: A speed-up is old time / new time, so above 1 means the candidate is faster. Medians of runs
+    interleaved in the same session: both variants saw the same machine state.
+    """
     b, c = _samples(base, "base"), _samples(cand, "cand")
     value = as_number(answer, "the speed-up")
     expected = statistics.median(b) / statistics.median(c)
@@ -83,17 +83,16 @@ def _speedup(answer, *, base, cand):
     raise ExerciseError(f"{value:.4g} is not median(base) / median(cand) = ratio of the two median times")
 
 
-@exercise(
-    "baseline.within_noise",
-    prompt="Is the difference between `base` and `cand` within the noise? Answer True when the ranges "
-           "[min, max] of the two lists overlap (then do not claim a speed-up), else False.",
-    hint="Two ranges [a1, a2] and [b1, b2] overlap when a1 <= b2 and b1 <= a2.",
-    solution="answer = min(base) <= max(cand) and min(cand) <= max(base)",
-    explanation="If the [min, max] ranges overlap, some baseline run was as fast as some candidate run: the "
-                "difference may be noise. Claim a speed-up only when the ranges separate (or after more "
-                "repeats on a quieter machine).",
-)
+@exercise("baseline.within_noise", solution="answer = min(base) <= max(cand) and min(cand) <= max(base)")
 def _within_noise(answer, *, base, cand):
+    """Is the difference between `base` and `cand` within the noise? Answer True when the ranges [min, max] of
+    the two lists overlap (then do not claim a speed-up), else False.
+
+    Hint: Two ranges [a1, a2] and [b1, b2] overlap when a1 <= b2 and b1 <= a2.
+
+    Why: If the [min, max] ranges overlap, some baseline run was as fast as some candidate run: the difference
+    may be noise. Claim a speed-up only when the ranges separate (or after more repeats on a quieter machine).
+    """
     b, c = _samples(base, "base"), _samples(cand, "cand")
     if not isinstance(answer, bool):
         raise ExerciseError(f"answer True or False, got {type(answer).__name__} {answer!r}")

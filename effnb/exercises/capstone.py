@@ -31,14 +31,17 @@ def _pct_change(row, base) -> float | None:
 
 @exercise(
     "capstone.quality_change",
-    prompt="By how many percent did perplexity change from the baseline to the variant named `variant`? "
-           "(positive = worse for perplexity; e.g. 3.5 for +3.5 %)",
-    hint="Relative change in percent = (variant - baseline) / baseline * 100, using the rows' quality values.",
     solution="answer = (card[variant]['quality']['value'] / card.rows[0]['quality']['value'] - 1) * 100",
-    explanation="A relative change is (new - old) / old, x 100 for percent. For perplexity, positive means the "
-                "variant is worse; a relative figure compares across models where an absolute one cannot.",
 )
 def _quality_change(answer, *, report, variant):
+    """By how many percent did perplexity change from the baseline to the variant named `variant`? (positive =
+    worse for perplexity; e.g. 3.5 for +3.5 %)
+
+    Hint: Relative change in percent = (variant - baseline) / baseline * 100, using the rows' quality values.
+
+    Why: A relative change is (new - old) / old, x 100 for percent. For perplexity, positive means the variant
+    is worse; a relative figure compares across models where an absolute one cannot.
+    """
     rows = _rows(report)
     base = rows[0]
     row = next((r for r in rows if r["name"] == variant), None)
@@ -75,20 +78,20 @@ def _best(rows, budget_mb, max_loss_pct):
 
 @exercise(
     "capstone.pick",
-    prompt="Deployment constraints: weight memory at most `budget_mb` MB and perplexity at most "
-           "`max_loss_pct` % worse than the baseline. Among the variants of the report card that meet both, "
-           "which decodes fastest? Answer its name (a string), or None if no variant qualifies.",
-    hint="Filter the rows by weight_bytes / 1e6 <= budget_mb and by the perplexity change in percent, "
-         "then take the row with the highest decode_tokens_per_s.",
-    solution=("base = card.rows[0]['quality']['value']\n"
-              "ok = [r for r in card.rows if r['weight_bytes'] / 1e6 <= BUDGET_MB\n"
-              "      and (r['quality']['value'] / base - 1) * 100 <= MAX_LOSS_PCT]\n"
-              "answer = max(ok, key=lambda r: r['decode_tokens_per_s'])['name'] if ok else None"),
-    explanation="Constraints first, objective second: keep the variants within the memory budget and the "
-                "allowed quality loss, then take the fastest of those. The smallest or the fastest overall "
-                "may break a constraint; with none left, the honest answer is None.",
+    solution="base = card.rows[0]['quality']['value']\nok = [r for r in card.rows if r['weight_bytes'] / 1e6 <= BUDGET_MB\n      and (r['quality']['value'] / base - 1) * 100 <= MAX_LOSS_PCT]\nanswer = max(ok, key=lambda r: r['decode_tokens_per_s'])['name'] if ok else None",
 )
 def _pick(answer, *, report, budget_mb, max_loss_pct):
+    """Deployment constraints: weight memory at most `budget_mb` MB and perplexity at most `max_loss_pct` %
+    worse than the baseline. Among the variants of the report card that meet both, which decodes fastest?
+    Answer its name (a string), or None if no variant qualifies.
+
+    Hint: Filter the rows by weight_bytes / 1e6 <= budget_mb and by the perplexity change in percent, then
+    take the row with the highest decode_tokens_per_s.
+
+    Why: Constraints first, objective second: keep the variants within the memory budget and the allowed
+    quality loss, then take the fastest of those. The smallest or the fastest overall may break a constraint;
+    with none left, the honest answer is None.
+    """
     rows = _rows(report)
     names = [r["name"] for r in rows]
     expected, ok = _best(rows, budget_mb, max_loss_pct)
@@ -115,17 +118,17 @@ def _pick(answer, *, report, budget_mb, max_loss_pct):
                         "(compare decode_tokens_per_s)")
 
 
-@exercise(
-    "capstone.card",
-    prompt="Build the report card as a Python dict (the JSON-ready form of the Report) and check that it "
-           "follows the effnb.report schema.",
-    hint="A Report has a method that returns its JSON-ready dict; a JSON string or the Report object itself "
-         "is not a dict.",
-    solution="answer = card.to_dict()",
-    explanation="Report.to_dict() gives the versioned, JSON-ready form (schema effnb.report, version 1) that "
-                "to_json() serialises and Report.from_dict() reads back, so cards can be compared across groups.",
-)
+@exercise("capstone.card", solution="answer = card.to_dict()")
 def _card(answer, *, report):
+    """Build the report card as a Python dict (the JSON-ready form of the Report) and check that it follows
+    the effnb.report schema.
+
+    Hint: A Report has a method that returns its JSON-ready dict; a JSON string or the Report object itself is
+    not a dict.
+
+    Why: Report.to_dict() gives the versioned, JSON-ready form (schema effnb.report, version 1) that to_json()
+    serialises and Report.from_dict() reads back, so cards can be compared across groups.
+    """
     from ..report import validate
 
     if isinstance(answer, str):

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from . import ExerciseError, as_number, exercise
+from . import ExerciseError, as_number, as_tensor, exercise
 
 
 def _bytes_per_weight(bits: int, group: int, scale_bytes: float) -> float:
     return bits / 8 + scale_bytes / group
 
 
-@exercise(
-    "kernels.bytes_per_weight",
-    prompt="A 4-bit format stores one scale of `scale_bytes` bytes per `group` weights. How many bytes must a "
-           "batch-1 matmul read from memory per weight (codes plus scales)?",
-    hint="4 bits is half a byte; each weight also carries its share of the group's scale: scale_bytes / group.",
-    solution="answer = bits / 8 + scale_bytes / group",
-    explanation="A 4-bit code is half a byte, and every weight carries its share of its group's scale "
-                "(scale_bytes / group): 0.5 + 4/64 = 0.5625 bytes. At batch 1 the kernel must read all of it.",
-)
+@exercise("kernels.bytes_per_weight", solution="answer = bits / 8 + scale_bytes / group")
 def _bytes(answer, *, bits=4, group=64, scale_bytes=4):
+    """A 4-bit format stores one scale of `scale_bytes` bytes per `group` weights. How many bytes must a
+    batch-1 matmul read from memory per weight (codes plus scales)?
+
+    Hint: 4 bits is half a byte; each weight also carries its share of the group's scale: scale_bytes / group.
+
+    Why: A 4-bit code is half a byte, and every weight carries its share of its group's scale (scale_bytes /
+    group): 0.5 + 4/64 = 0.5625 bytes. At batch 1 the kernel must read all of it.
+    """
     value = as_number(answer, "the bytes per weight")
     expected = _bytes_per_weight(bits, group, scale_bytes)
     if abs(value - expected) <= 1e-3 * expected:
@@ -33,18 +33,18 @@ def _bytes(answer, *, bits=4, group=64, scale_bytes=4):
     raise ExerciseError(f"{value} is not it: codes ({bits} bits) plus one {scale_bytes}-byte scale per {group} weights")
 
 
-@exercise(
-    "kernels.ideal_speedup",
-    prompt="At batch 1 a matmul is bound by memory traffic: its time is about bytes / bandwidth. Using your "
-           "`bytes_per_weight`, what is the ideal speed-up of the 4-bit kernel over an fp16 matmul (2 bytes per "
-           "weight)? Ignore the activations, which are tiny next to the weights.",
-    hint="Same bandwidth, fewer bytes: speed-up = fp16 bytes per weight / 4-bit bytes per weight.",
-    solution="answer = 2 / bytes_per_weight",
-    explanation="At batch 1 the time is bytes moved / memory bandwidth; the bandwidth is the same, so the ideal "
-                "speed-up is the ratio of bytes per weight: 2 / 0.5625 = 3.56x for fp16 against 4-bit with "
-                "fp32 scales per 64 weights. Real kernels get less (unpacking, partial tiles).",
-)
+@exercise("kernels.ideal_speedup", solution="answer = 2 / bytes_per_weight")
 def _speedup(answer, *, bytes_per_weight):
+    """At batch 1 a matmul is bound by memory traffic: its time is about bytes / bandwidth. Using your
+    `bytes_per_weight`, what is the ideal speed-up of the 4-bit kernel over an fp16 matmul (2 bytes per
+    weight)? Ignore the activations, which are tiny next to the weights.
+
+    Hint: Same bandwidth, fewer bytes: speed-up = fp16 bytes per weight / 4-bit bytes per weight.
+
+    Why: At batch 1 the time is bytes moved / memory bandwidth; the bandwidth is the same, so the ideal
+    speed-up is the ratio of bytes per weight: 2 / 0.5625 = 3.56x for fp16 against 4-bit with fp32 scales per
+    64 weights. Real kernels get less (unpacking, partial tiles).
+    """
     value = as_number(answer, "the speed-up")
     expected = 2 / float(bytes_per_weight)
     if abs(value - expected) <= 0.01 * expected:
@@ -59,18 +59,20 @@ def _speedup(answer, *, bytes_per_weight):
 
 @exercise(
     "kernels.unpack",
-    prompt="effnb's int4 layout packs two codes per byte: column 2j in the LOW nibble and 2j+1 in the HIGH "
-           "nibble. Unpack `packed` (uint8 [N, K/2]) into the codes (uint8 [N, K]) in column order.",
-    hint="low = packed & 0x0F, high = packed >> 4; then interleave: out[:, 0::2] = low, out[:, 1::2] = high.",
     solution="answer = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)",
-    explanation="& 0x0F keeps the low nibble (even columns) and >> 4 the high one (odd columns); stacking them on "
-                "a last axis and flattening it interleaves the two, column 2j then 2j+1.",
 )
 def _unpack(answer, *, packed):
+    """effnb's int4 layout packs two codes per byte: column 2j in the LOW nibble and 2j+1 in the HIGH nibble.
+    Unpack `packed` (uint8 [N, K/2]) into the codes (uint8 [N, K]) in column order.
+
+    Hint: low = packed & 0x0F, high = packed >> 4; then interleave: out[:, 0::2] = low, out[:, 1::2] = high.
+
+    Why: & 0x0F keeps the low nibble (even columns) and >> 4 the high one (odd columns); stacking them on a
+    last axis and flattening it interleaves the two, column 2j then 2j+1.
+    """
     import torch
 
-    if not isinstance(answer, torch.Tensor):
-        raise ExerciseError(f"the answer should be a torch.Tensor of codes, got {type(answer).__name__}")
+    as_tensor(answer, "the answer should be a torch.Tensor of codes")
     n, half = packed.shape
     if tuple(answer.shape) != (n, 2 * half):
         raise ExerciseError(f"shape {tuple(answer.shape)}: expected [N, K] = {(n, 2 * half)}, two codes per byte")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import ExerciseError, as_number, exercise
+from . import ExerciseError, as_number, as_tensor, exercise
 
 
 def _lora_counts(model, rank: int, suffixes=("q_proj", "v_proj")) -> dict[str, int]:
@@ -18,17 +18,19 @@ def _lora_counts(model, rank: int, suffixes=("q_proj", "v_proj")) -> dict[str, i
 
 @exercise(
     "lora.trainable",
-    prompt="LoRA of rank `rank` on every query and value projection (q_proj, v_proj) of `model`: how many "
-           "trainable parameters does it add? Each adapted layer W [out, in] gets A [rank, in] and B [out, rank].",
-    hint="Per layer: rank * in + out * rank. Sum over the q_proj and v_proj of every block; "
-         "note that v_proj's out is smaller than q_proj's in models with grouped-query attention.",
-    solution="answer = sum(RANK * (m.in_features + m.out_features) for n, m in model.named_modules() "
-             "if n.endswith(('q_proj', 'v_proj')))",
-    explanation="Each adapted layer W [out, in] trains A [rank, in] and B [out, rank]: rank x (in + out) numbers, "
-                "summed over every q_proj and v_proj. With grouped-query attention v_proj has a smaller out "
-                "than q_proj, so use each layer's own sizes; the frozen W is not counted.",
+    solution="answer = sum(RANK * (m.in_features + m.out_features) for n, m in model.named_modules() if n.endswith(('q_proj', 'v_proj')))",
 )
 def _trainable(answer, *, model, rank):
+    """LoRA of rank `rank` on every query and value projection (q_proj, v_proj) of `model`: how many trainable
+    parameters does it add? Each adapted layer W [out, in] gets A [rank, in] and B [out, rank].
+
+    Hint: Per layer: rank * in + out * rank. Sum over the q_proj and v_proj of every block; note that v_proj's
+    out is smaller than q_proj's in models with grouped-query attention.
+
+    Why: Each adapted layer W [out, in] trains A [rank, in] and B [out, rank]: rank x (in + out) numbers,
+    summed over every q_proj and v_proj. With grouped-query attention v_proj has a smaller out than q_proj, so
+    use each layer's own sizes; the frozen W is not counted.
+    """
     layers = _lora_counts(model, rank)
     if not layers:
         raise TypeError("the model has no q_proj / v_proj Linear layers: pass the base model (not the PEFT model)")
@@ -51,17 +53,17 @@ def _trainable(answer, *, model, rank):
     raise ExerciseError(f"{value:,.0f} is not the count; expected rank*(in+out) summed over {n} layers")
 
 
-@exercise(
-    "lora.adapter_bytes",
-    prompt="The adapter is saved as fp32 safetensors. Roughly how many bytes of tensor data does it hold, "
-           "given `trainable` parameters? (The file adds a small JSON header.)",
-    hint="fp32 = 4 bytes per number.",
-    solution="answer = trainable * 4",
-    explanation="Every trainable number is saved as fp32, 4 bytes; the file on disk adds a small JSON header, "
-                "which is why it is slightly larger. The adapter is tiny next to the base model, which is "
-                "what makes sharing LoRA adapters cheap.",
-)
+@exercise("lora.adapter_bytes", solution="answer = trainable * 4")
 def _adapter_bytes(answer, *, trainable, file_bytes=None):
+    """The adapter is saved as fp32 safetensors. Roughly how many bytes of tensor data does it hold, given
+    `trainable` parameters? (The file adds a small JSON header.)
+
+    Hint: fp32 = 4 bytes per number.
+
+    Why: Every trainable number is saved as fp32, 4 bytes; the file on disk adds a small JSON header, which is
+    why it is slightly larger. The adapter is tiny next to the base model, which is what makes sharing LoRA
+    adapters cheap.
+    """
     value = as_number(answer, "the adapter size in bytes")
     expected = 4 * int(trainable)
     if value == expected:
@@ -79,21 +81,20 @@ def _adapter_bytes(answer, *, trainable, file_bytes=None):
                         "of one fp32 number and multiply")
 
 
-@exercise(
-    "lora.merge",
-    prompt="Merge by hand: `layer` is a PEFT LoRA layer with base weight W = layer.base_layer.weight, "
-           "adapter matrices A = layer.lora_A['default'].weight and B = layer.lora_B['default'].weight, "
-           "and scaling = layer.scaling['default'] (= alpha / rank). Compute the merged weight [out, in].",
-    hint="The adapter adds scaling * (B @ A) to W; B is [out, rank] and A is [rank, in].",
-    solution="answer = W + scaling * (B @ A)",
-    explanation="The adapted layer computes x W^T + scaling x (x A^T B^T), which is x (W + scaling B A)^T: "
-                "folding scaling x B @ A into W gives the same outputs with no extra matmul at inference.",
-)
+@exercise("lora.merge", solution="answer = W + scaling * (B @ A)")
 def _merge(answer, *, layer):
+    """Merge by hand: `layer` is a PEFT LoRA layer with base weight W = layer.base_layer.weight, adapter
+    matrices A = layer.lora_A['default'].weight and B = layer.lora_B['default'].weight, and scaling =
+    layer.scaling['default'] (= alpha / rank). Compute the merged weight [out, in].
+
+    Hint: The adapter adds scaling * (B @ A) to W; B is [out, rank] and A is [rank, in].
+
+    Why: The adapted layer computes x W^T + scaling x (x A^T B^T), which is x (W + scaling B A)^T: folding
+    scaling x B @ A into W gives the same outputs with no extra matmul at inference.
+    """
     import torch
 
-    if not isinstance(answer, torch.Tensor):
-        raise ExerciseError(f"the merged weight should be a tensor [out, in], got {type(answer).__name__}")
+    as_tensor(answer, "the merged weight should be a tensor [out, in]")
     w = layer.base_layer.weight.detach()
     a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
     s = layer.scaling["default"]

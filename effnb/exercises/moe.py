@@ -21,16 +21,16 @@ def _ints(values, what: str) -> list[int]:
         raise ExerciseError(f"{what} should be a list of integers, got {type(values).__name__}") from None
 
 
-@exercise(
-    "moe.active_share",
-    prompt="A dense FFN is split into `experts` equal experts and every token is routed to `top_k` of them. "
-           "What fraction of the FFN's weights does one token use (leave the small router out)?",
-    hint="Each expert holds 1/experts of the neurons; a token visits top_k experts.",
-    solution="answer = TOP_K / EXPERTS",
-    explanation="Each expert holds 1/experts of the FFN's neurons and a token visits top_k of them, so it uses "
-                "top_k / experts of the FFN weights: the compute per token falls while the memory does not.",
-)
+@exercise("moe.active_share", solution="answer = TOP_K / EXPERTS")
 def _active_share(answer, *, experts, top_k):
+    """A dense FFN is split into `experts` equal experts and every token is routed to `top_k` of them. What
+    fraction of the FFN's weights does one token use (leave the small router out)?
+
+    Hint: Each expert holds 1/experts of the neurons; a token visits top_k experts.
+
+    Why: Each expert holds 1/experts of the FFN's neurons and a token visits top_k of them, so it uses top_k /
+    experts of the FFN weights: the compute per token falls while the memory does not.
+    """
     value = as_number(answer, "the share")
     expected = top_k / experts
     if close_to(value, expected, rel=1e-6):
@@ -47,15 +47,18 @@ def _active_share(answer, *, experts, top_k):
 
 @exercise(
     "moe.tokens_per_expert",
-    prompt="`expert_index` holds, for each token, the `top_k` experts it was routed to (shape [tokens, top_k]). "
-           "Count the assignments each of the `experts` experts got, as a list of length `experts`.",
-    hint="Flatten expert_index and count each expert id, including experts that got nothing: "
-         "torch.bincount(..., minlength=experts).",
     solution="answer = torch.bincount(expert_index.flatten(), minlength=EXPERTS).tolist()",
-    explanation="Every token contributes top_k assignments; flattening the [tokens, top_k] index and counting "
-                "each expert id (minlength keeps idle experts at 0) gives the load per expert.",
 )
 def _tokens_per_expert(answer, *, expert_index, experts):
+    """`expert_index` holds, for each token, the `top_k` experts it was routed to (shape [tokens, top_k]).
+    Count the assignments each of the `experts` experts got, as a list of length `experts`.
+
+    Hint: Flatten expert_index and count each expert id, including experts that got nothing:
+    torch.bincount(..., minlength=experts).
+
+    Why: Every token contributes top_k assignments; flattening the [tokens, top_k] index and counting each
+    expert id (minlength keeps idle experts at 0) gives the load per expert.
+    """
     rows = expert_index.tolist() if hasattr(expert_index, "tolist") else [list(r) for r in expert_index]
     counts = [0] * experts
     first = [0] * experts
@@ -82,17 +85,17 @@ def _tokens_per_expert(answer, *, expert_index, experts):
                         f"{got[wrong]}; count every occurrence of each expert id")
 
 
-@exercise(
-    "moe.imbalance",
-    prompt="`counts` are the assignments per expert of one layer. Compute the load imbalance as the busiest "
-           "expert's load over the mean load (1.0 = perfectly balanced).",
-    hint="max(counts) / (sum(counts) / len(counts)).",
-    solution="answer = max(counts) / (sum(counts) / len(counts))",
-    explanation="The busiest expert sets the pace of the layer (the others wait for it); over the mean load this "
-                "is 1.0 for a perfect balance and experts / top_k at worst, when every token sends one of its "
-                "top_k choices to the same expert.",
-)
+@exercise("moe.imbalance", solution="answer = max(counts) / (sum(counts) / len(counts))")
 def _imbalance(answer, *, counts):
+    """`counts` are the assignments per expert of one layer. Compute the load imbalance as the busiest
+    expert's load over the mean load (1.0 = perfectly balanced).
+
+    Hint: max(counts) / (sum(counts) / len(counts)).
+
+    Why: The busiest expert sets the pace of the layer (the others wait for it); over the mean load this is
+    1.0 for a perfect balance and experts / top_k at worst, when every token sends one of its top_k choices to
+    the same expert.
+    """
     c = _ints(counts, "counts")
     value = as_number(answer, "the imbalance")
     mean = sum(c) / len(c)

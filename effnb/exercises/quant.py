@@ -15,17 +15,20 @@ def int4_layer_bytes(out_features: int, in_features: int, group_size: int) -> in
 
 @exercise(
     "quant.int4_bytes",
-    prompt="How many bytes does effnb store for the weight of an asymmetric int4 Linear layer with "
-           "out_features x in_features weights and one fp16 scale and one fp16 zero per group of group_size "
-           "weights (bias not counted)?",
-    hint="Two 4-bit codes share a byte. Every group of group_size weights along a row also stores a scale and a "
-         "zero, each in fp16 (2 bytes).",
     solution="answer = out_features * in_features // 2 + out_features * (in_features // GROUP_SIZE) * 2 * 2",
-    explanation="Two 4-bit codes fit in a byte: out x in / 2 bytes of codes. Each row has in / group_size groups, "
-                "and each group stores an fp16 scale and an fp16 zero (2 + 2 bytes). At group 64 that is "
-                "0.5625 bytes per weight, about 3.6x smaller than fp16.",
 )
 def _int4_bytes(answer, *, out_features: int, in_features: int, group_size: int):
+    """How many bytes does effnb store for the weight of an asymmetric int4 Linear layer with out_features x
+    in_features weights and one fp16 scale and one fp16 zero per group of group_size weights (bias not
+    counted)?
+
+    Hint: Two 4-bit codes share a byte. Every group of group_size weights along a row also stores a scale and
+    a zero, each in fp16 (2 bytes).
+
+    Why: Two 4-bit codes fit in a byte: out x in / 2 bytes of codes. Each row has in / group_size groups, and
+    each group stores an fp16 scale and an fp16 zero (2 + 2 bytes). At group 64 that is 0.5625 bytes per
+    weight, about 3.6x smaller than fp16.
+    """
     expected = int4_layer_bytes(out_features, in_features, group_size)
     answer = as_number(answer, "the number of bytes")
     if answer.is_integer():
@@ -53,23 +56,22 @@ def _int4_bytes(answer, *, out_features: int, in_features: int, group_size: int)
                         "weight plus 4 bytes per group")
 
 
-def snr_db(reference, approx) -> float:
-    ref = reference.double()
-    err = (ref - approx.double()).pow(2).sum().item()
-    return math.inf if err == 0 else 10 * math.log10(ref.pow(2).sum().item() / err)
-
-
 @exercise(
     "quant.snr",
-    prompt="Compute the signal-to-noise ratio in dB of a quantized weight w_q against the original w: "
-           "10 * log10(sum(w**2) / sum((w - w_q)**2)).",
-    hint="Use w.pow(2).sum() for the signal and (w - w_q).pow(2).sum() for the noise; powers, not amplitudes, so "
-         "the factor is 10, not 20.",
     solution="answer = 10 * math.log10(w.pow(2).sum().item() / (w - w_q).pow(2).sum().item())",
-    explanation="Signal power over noise power (the quantization error), in decibels: 10 x log10 because both "
-                "are sums of squares (powers). Each extra bit of a uniform quantizer buys about 6 dB.",
 )
 def _snr(answer, *, w, w_q):
+    """Compute the signal-to-noise ratio in dB of a quantized weight w_q against the original w: 10 *
+    log10(sum(w**2) / sum((w - w_q)**2)).
+
+    Hint: Use w.pow(2).sum() for the signal and (w - w_q).pow(2).sum() for the noise; powers, not amplitudes,
+    so the factor is 10, not 20.
+
+    Why: Signal power over noise power (the quantization error), in decibels: 10 x log10 because both are sums
+    of squares (powers). Each extra bit of a uniform quantizer buys about 6 dB.
+    """
+    from ..torch_utils import snr_db
+
     expected = snr_db(w, w_q)
     try:
         value = float(answer)
@@ -87,15 +89,15 @@ def _snr(answer, *, w, w_q):
                         "usually land between 15 and 25 dB)")
 
 
-@exercise(
-    "quant.best_method",
-    prompt="From a dict {method: perplexity} of 4-bit variants of one model, which method keeps the model best?",
-    hint="Perplexity is how surprised the model is by the text: lower is better.",
-    solution="answer = min(ppl, key=ppl.get)",
-    explanation="Perplexity measures how surprised the model is by held-out text: lower is better, so the "
-                "best 4-bit method is the one with the smallest perplexity (at the same bits per weight).",
-)
+@exercise("quant.best_method", solution="answer = min(ppl, key=ppl.get)")
 def _best_method(answer, *, results: dict):
+    """From a dict {method: perplexity} of 4-bit variants of one model, which method keeps the model best?
+
+    Hint: Perplexity is how surprised the model is by the text: lower is better.
+
+    Why: Perplexity measures how surprised the model is by held-out text: lower is better, so the best 4-bit
+    method is the one with the smallest perplexity (at the same bits per weight).
+    """
     best = min(results, key=results.get)
     if answer == best:
         return

@@ -11,17 +11,17 @@ import math
 from . import ExerciseError, as_number, close_to, exercise, report_row
 
 
-@exercise(
-    "quickstart.weight_mb",
-    prompt="From the audit's parameter count alone, compute the weight memory of the fp32 model in MB "
-           "(1 MB = 1e6 bytes). Check it against the report.",
-    hint="Every fp32 parameter takes 32 bits. How many bytes is that? Then divide by 1e6 for MB.",
-    solution="answer = baseline.rows[0]['parameters'] * 4 / 1e6",
-    explanation="fp32 stores every parameter in 32 bits = 4 bytes, so the weights take parameters x 4 bytes; "
-                "divide by 1e6 for MB. It matches weight_bytes because the report counts each tensor once "
-                "(SmolLM2's embedding is tied to its output head).",
-)
+@exercise('quickstart.weight_mb', solution="answer = baseline.rows[0]['parameters'] * 4 / 1e6")
 def _weight_mb(answer, *, report):
+    """From the audit's parameter count alone, compute the weight memory of the fp32 model in MB (1 MB = 1e6
+    bytes). Check it against the report.
+
+    Hint: Every fp32 parameter takes 32 bits. How many bytes is that? Then divide by 1e6 for MB.
+
+    Why: fp32 stores every parameter in 32 bits = 4 bytes, so the weights take parameters x 4 bytes; divide by
+    1e6 for MB. It matches weight_bytes because the report counts each tensor once (SmolLM2's embedding is
+    tied to its output head).
+    """
     row = report_row(report, 0)
     value = as_number(answer, "the weight memory in MB")
     params = row["parameters"]
@@ -49,15 +49,18 @@ def _weight_mb(answer, *, report):
 
 @exercise(
     "quickstart.bf16_smaller",
-    prompt="From the comparison report, how many times smaller are the bfloat16 weights than the fp32 ones? "
-           "Compute it from the two rows' weight_bytes.",
-    hint="'Times smaller' is the baseline's bytes divided by the variant's bytes (a number above 1).",
     solution="answer = cmp.rows[0]['weight_bytes'] / cmp.rows[1]['weight_bytes']",
-    explanation="'Times smaller' is baseline bytes / variant bytes. bfloat16 takes 2 bytes a weight instead of 4, "
-                "so expect about 2; read it off the rows rather than assume it, since a model may keep some "
-                "tensors in another dtype.",
 )
 def _bf16_smaller(answer, *, report):
+    """From the comparison report, how many times smaller are the bfloat16 weights than the fp32 ones? Compute
+    it from the two rows' weight_bytes.
+
+    Hint: 'Times smaller' is the baseline's bytes divided by the variant's bytes (a number above 1).
+
+    Why: 'Times smaller' is baseline bytes / variant bytes. bfloat16 takes 2 bytes a weight instead of 4, so
+    expect about 2; read it off the rows rather than assume it, since a model may keep some tensors in another
+    dtype.
+    """
     base, var = report_row(report, 0), report_row(report, 1)
     value = as_number(answer, "the ratio")
     expected = base["weight_bytes"] / var["weight_bytes"]
@@ -73,16 +76,16 @@ def _bf16_smaller(answer, *, report):
                         "first by the second (use the report, not a rule of thumb)")
 
 
-@exercise(
-    "quickstart.ms_per_token",
-    prompt="The audit reports decode speed in tokens per second. How many milliseconds does one decoded "
-           "token take on this machine?",
-    hint="Tokens per second and seconds per token are reciprocals; then convert seconds to milliseconds.",
-    solution="answer = 1000 / baseline.rows[0]['decode_tokens_per_s']",
-    explanation="A speed in tokens per second is a rate; its reciprocal is seconds per token, and x 1000 gives "
-                "milliseconds. Per-token latency is what a user of a chat model feels.",
-)
+@exercise('quickstart.ms_per_token', solution="answer = 1000 / baseline.rows[0]['decode_tokens_per_s']")
 def _ms_per_token(answer, *, report):
+    """The audit reports decode speed in tokens per second. How many milliseconds does one decoded token take
+    on this machine?
+
+    Hint: Tokens per second and seconds per token are reciprocals; then convert seconds to milliseconds.
+
+    Why: A speed in tokens per second is a rate; its reciprocal is seconds per token, and x 1000 gives
+    milliseconds. Per-token latency is what a user of a chat model feels.
+    """
     row = report_row(report, 0)
     tps = row.get("decode_tokens_per_s")
     if tps is None:

@@ -16,7 +16,7 @@ from typing import Any
 from .config import MoEConfig, MoEStatsConfig
 
 _LAZY = {
-    "moe": ".api", "moe_stats": ".api", "set_top_k": ".api",
+    "moe": ".api", "moe_stats": ".api", "set_top_k": ".sweep",
     "MoEFFN": ".block", "aux_loss": ".block", "moe_blocks": ".block", "moe_ffn": ".block",
     "moe_ffn_reference": ".block", "switch_aux_loss": ".block", "set_grouped_backend": ".block",
     "QuantMoEFFN": ".quant",

@@ -15,7 +15,7 @@ of the dense FFN's. ``moe_ffn_reference`` is the plain per-expert-mask version t
 tested against. On the CPU, and where ``torch._grouped_mm`` cannot run a case (dtype, alignment),
 the same sorted layout is processed by one matmul per non-empty expert (measured faster than the
 CPU ``_grouped_mm``). On CUDA without ``_grouped_mm`` support (fp16, pre-sm90), inference runs
-effnb's Triton grouped GEMM (``effnb.kernels.moe_grouped``). ``grouped_backend()`` says which
+effnb's Triton grouped GEMM (``effnb.kernels.ops.grouped_mm``). ``grouped_backend()`` says which
 runs; ``set_grouped_backend()`` forces one.
 """
 
@@ -25,6 +25,8 @@ import logging
 
 import torch
 from torch import nn
+
+from ..kernels.ops import GROUPED_PATHS, grouped_mm, grouped_path, supports
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +76,7 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
-        return False
-    if x.device.type == "cpu":
-        # torch 2.13's CPU _grouped_mm runs but is slower than one matmul per expert over the same layout
-        # (measured, benchmarks/moe.py, 2 threads: 145 vs 48 ms at 2048 tokens, 6.3 vs 2.0 ms at 16)
-        return False
-    if x.device.type == "cuda":
-        # the CUDA kernel: bf16 on sm90+, 16-byte aligned rows
-        major, _ = torch.cuda.get_device_capability(x.device)
-        return (x.dtype == torch.bfloat16 and major >= 9 and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
-    return False
-
-
-BACKENDS = ("auto", "torch._grouped_mm", "triton", "per-expert loop")
+BACKENDS = ("auto", *GROUPED_PATHS)
 _backend = {"name": "auto"}
 _backend_logged: set[str] = set()
 
@@ -106,34 +94,14 @@ def set_grouped_backend(name: str) -> str:
     return old
 
 
-def _triton_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """effnb's Triton grouped GEMM: CUDA tensors (or CPU ones under TRITON_INTERPRET=1), fp16/bf16/fp32."""
-    import importlib.util
-    import sys
-
-    if x.dtype != w.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if x.device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    if x.device.type == "cpu" and "triton" in sys.modules:
-        return bool(sys.modules["triton"].knobs.runtime.interpret)
-    return False
-
-
 def grouped_backend(x: torch.Tensor, w: torch.Tensor, needs_grad: bool = False) -> str:
-    """Which grouped matmul runs for these operands: 'torch._grouped_mm', 'triton' or 'per-expert loop'."""
+    """Which grouped matmul runs for these operands: 'torch._grouped_mm', 'triton' or 'per-expert loop'
+    (``effnb.kernels.ops`` decides what can run; a backend forced by ``set_grouped_backend`` is checked)."""
     forced = _backend["name"]
     if forced == "auto":
-        if _grouped_mm_supported(x, w):
-            name = "torch._grouped_mm"
-        elif x.device.type == "cuda" and not needs_grad and _triton_supported(x, w):
-            name = "triton"
-        else:
-            name = "per-expert loop"
+        name = grouped_path(x, w, needs_grad)
     else:
-        ok = {"torch._grouped_mm": lambda: hasattr(torch, "_grouped_mm") and x.dtype == w.dtype,
-              "triton": lambda: not needs_grad and _triton_supported(x, w), "per-expert loop": lambda: True}[forced]()
-        if not ok:
+        if supports(forced, x=x, w=w, needs_grad=needs_grad) is not None:
             raise ValueError(f"grouped matmul backend {forced!r} cannot run {x.device.type} {x.dtype}"
                              + (" with gradients" if needs_grad else "") + "; use set_grouped_backend('auto')")
         name = forced
@@ -155,8 +123,6 @@ def grouped_matmul(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, coun
             return _ContiguousGrad.apply(torch._grouped_mm(xs, w, offs=offs))
         return torch._grouped_mm(xs, w, offs=offs)
     if backend == "triton":
-        from effnb.kernels.moe_grouped import grouped_mm
-
         return grouped_mm(xs, w, counts.cumsum(0).to(torch.int32))
     counts_list = counts.tolist() if counts_list is None else counts_list
     outs, start = [], 0
@@ -196,7 +162,7 @@ _register_grouped_mm_flops()
 # --------------------------------------------------------------------------- the FFN over experts
 
 
-def _activate(h: torch.Tensor, act, gated: bool, expert_size: int) -> torch.Tensor:
+def activate(h: torch.Tensor, act, gated: bool, expert_size: int) -> torch.Tensor:
     if gated:
         return act(h[:, :expert_size]) * h[:, expert_size:]
     return act(h)
@@ -226,13 +192,13 @@ def moe_ffn(x: torch.Tensor, expert_index: torch.Tensor, weights: torch.Tensor |
     backend = grouped_backend(x, w_in, needs_grad)
     if backend == "torch._grouped_mm" and _backend["name"] == "auto" and w_out.shape[1] % 8:
         # the second product reads activations [rows, Ie]: torch._grouped_mm needs 16-byte rows there too
-        backend = "triton" if not needs_grad and _triton_supported(x, w_out) else "per-expert loop"
+        backend = "triton" if supports("triton", x=x, w=w_out, needs_grad=needs_grad) is None else "per-expert loop"
     counts_list = counts.tolist() if backend == "per-expert loop" else None
     xs = x.index_select(0, token)  # [T*k, H]
     h = grouped_matmul(xs, w_in, counts, counts_list, backend)  # [T*k, n_in*Ie]
     if b_in is not None:
         h = h + b_in.repeat_interleave(counts, dim=0, output_size=T * k)
-    ys = grouped_matmul(_activate(h, act, gated, ie), w_out, counts, counts_list, backend)  # [T*k, H]
+    ys = grouped_matmul(activate(h, act, gated, ie), w_out, counts, counts_list, backend)  # [T*k, H]
     return unpermute_combine(ys, order, weights, T, k)
 
 
@@ -270,7 +236,7 @@ def moe_ffn_reference(x, expert_index, weights, w_in, w_out, b_in, act, gated: b
         if rows.numel() == 0:
             continue
         h = x[rows] @ w_in[e] + (b_in[e] if b_in is not None else 0)
-        y = _activate(h, act, gated, ie) @ w_out[e]
+        y = activate(h, act, gated, ie) @ w_out[e]
         if weights is not None:
             y = y * (weights[rows] * hit[rows]).sum(-1, keepdim=True)
         out[rows] += y
@@ -330,6 +296,25 @@ class MoEFFN(nn.Module):
         self.last_router_logits, self.last_expert_index = logits, index
         return weights, index
 
+    def effnb_aux_loss(self) -> torch.Tensor:
+        """This block's load-balancing loss of the last forward, ``aux_loss_coef * switch_aux_loss``.
+
+        Trainers find it by this name (duck typing), without importing ``effnb.experts``."""
+        if self.last_router_logits is None:
+            raise ValueError("aux_loss: run a forward pass first; it reads the routing of the last forward")
+        return self.aux_loss_coef * switch_aux_loss(self.last_router_logits, self.last_expert_index, self.experts)
+
+    def expert_matrices(self) -> dict[str, int]:
+        """The per-expert matrices a quantizer may replace, with their input size: {"w_in": H, "w_out": Ie}."""
+        return {"w_in": self.hidden, "w_out": self.expert_size}
+
+    def quantize_experts(self, quantize_layer, which) -> nn.Module:
+        """A new block (with this one's router) whose experts' matrices named in ``which`` are ``quantize_layer(name, linear)``
+        (``name`` like ``"experts.3.w_in"``); the router stays in full precision. See ``effnb.experts.quant``."""
+        from .quant import quantize_experts
+
+        return quantize_experts(self, quantize_layer, which)
+
     def _finish(self, y: torch.Tensor, shape) -> torch.Tensor:
         if self.b_out is not None:
             y = y + self.b_out
@@ -359,9 +344,4 @@ def aux_loss(model) -> torch.Tensor:
     blocks = [m for _, m in moe_blocks(model)]
     if not blocks:
         raise ValueError("aux_loss: the model has no effnb MoE blocks (make one with effnb.moe)")
-    losses = []
-    for m in blocks:
-        if m.last_router_logits is None:
-            raise ValueError("aux_loss: run a forward pass first; it reads the routing of the last forward")
-        losses.append(m.aux_loss_coef * switch_aux_loss(m.last_router_logits, m.last_expert_index, m.experts))
-    return torch.stack(losses).mean()
+    return torch.stack([m.effnb_aux_loss() for m in blocks]).mean()

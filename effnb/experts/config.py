@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 from ..data import check_text
 from ..options import MAX_TOKENS, check_bool, check_choice, check_int, check_number
+from ..technique import TechniqueConfig
+from .methods import METHODS, get_method
 
-METHODS = ("split", "upcycle")
 ROUTERS = ("auto", "calibration", "weights", "random")
 CLUSTERINGS = ("activations", "weights")
 MAX_EXPERTS = 1024
@@ -29,7 +30,7 @@ def _float(name: str, value, minimum: float = 0.0) -> None:
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(TechniqueConfig):
     """How a dense model becomes a Mixture-of-Experts. Defaults fit a 2-core CPU in about a minute on SmolLM2."""
 
     experts: int = field(default=8, metadata={"help": "experts per FFN block; for split it must divide the FFN size"})
@@ -59,7 +60,8 @@ class MoEConfig:
     quality_tokens: int = field(default=2048, metadata={"help": "tokens of evaluation text for perplexity"})
     ffn_tokens: int = field(default=512, metadata={"help": "tokens for timing the FFN blocks dense vs MoE"})
     timing_repeats: int = field(default=5, metadata={"help": "timed repeats of the FFN blocks (median reported)"})
-    measure: bool = field(default=True, metadata={"help": "measure the before/after report (off: structure only)"})
+    measure: bool = field(default=True, metadata={  # TechniqueConfig's, with moe's own help
+        "help": "measure the before/after report (off: structure only)"})
     share_unchanged: bool = field(default=False, metadata={
         "help": "the new model reuses the input model's tensors that the conversion leaves as they are "
                 "(embeddings, attention, norms) instead of copying them: saves their memory (SmolLM2: "
@@ -67,18 +69,18 @@ class MoEConfig:
     seed: int = field(default=0, metadata={"help": "seed for clustering and router initialisation"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.experts = check_int("experts", self.experts, 2, MAX_EXPERTS,
                                  hint=" (one expert is the dense model: nothing to route)")
         self.top_k = check_int("top_k", self.top_k, 1, hint=" (experts each token uses)")
         if self.top_k > self.experts:
             raise ValueError(f"top_k={self.top_k} is more than experts={self.experts}; "
                              f"choose top_k from 1 to {self.experts}")
-        _choice("method", self.method, METHODS)
+        allowed = get_method(self.method).routers
         _choice("router", self.router, ROUTERS)
         _choice("clustering", self.clustering, CLUSTERINGS)
         if self.router == "auto":
-            self.router = "calibration" if self.method == "split" else "random"
-        allowed = {"split": ("calibration", "weights"), "upcycle": ("random",)}[self.method]
+            self.router = allowed[0]
         if self.router not in allowed:
             raise ValueError(f"router {self.router!r} does not apply to method {self.method!r}; "
                              f"allowed: {', '.join(map(repr, allowed))}")
@@ -90,8 +92,9 @@ class MoEConfig:
         _float("router_std", self.router_std)
         _float("expert_noise", self.expert_noise)
         _float("aux_loss_coef", self.aux_loss_coef)
-        check_bool("measure", self.measure)
         check_bool("share_unchanged", self.share_unchanged)
+        if self.inplace and self.share_unchanged:
+            raise ValueError("share_unchanged applies to a new model; with inplace=True there is nothing to share")
         if self.calibration is not None:
             check_text(self.calibration, "calibration")
         if self.sweep is not None:
@@ -114,7 +117,8 @@ class MoEConfig:
         return sorted(set(values))
 
     def to_dict(self) -> dict:
-        out = dict(self.__dict__)
+        """The options as the report records them (how the model was handed over left out)."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("inplace", "name")}
         out["calibration"] = "built-in" if self.calibration is None else "user"
         return out
 

@@ -18,7 +18,6 @@ balance), mean router entropy (nats, and as a share of ln E).
 from __future__ import annotations
 
 import html
-import json
 import math
 
 import torch
@@ -110,11 +109,9 @@ class MoEStats:
                 "tokens": self.tokens, "token_experts": self.token_experts}
 
     def to_json(self, path: str | None = None, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        from ..report import to_json
+
+        return to_json(self.to_dict(), path, indent)
 
     def to_dataframe(self):
         import pandas as pd
@@ -190,9 +187,9 @@ class MoEStats:
         return fig
 
     def _ipython_display_(self) -> None:
-        from ..report import _display_all
+        from ..report import display_all
 
-        _display_all(self._repr_html_(), [self.figure] + ([self.token_figure] if self.tokens else []))
+        display_all(self._repr_html_(), [self.figure] + ([self.token_figure] if self.tokens else []))
 
 
 def routing_stats(model, text=None, *, max_tokens: int = 512, window: int = 512, show_tokens: int = 48,
@@ -200,7 +197,8 @@ def routing_stats(model, text=None, *, max_tokens: int = 512, window: int = 512,
     """Route ``text`` through ``model`` and gather ``MoEStats`` for every router found."""
     from ..data import resolve_text
     from ..models import find_tokenizer, model_kind, model_name
-    from .api import text_ids
+    from ..torch_utils import device_of, eval_mode
+    from .sweep import text_ids
 
     routers = find_routers(model)
     tok = find_tokenizer(model)
@@ -215,15 +213,12 @@ def routing_stats(model, text=None, *, max_tokens: int = 512, window: int = 512,
     limit = int(getattr(getattr(model, "config", None), "max_position_embeddings", None) or window)
     window = min(window, limit)
     extra = {"use_cache": False} if model_kind(model) == "causal-lm" else {}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
+    device = device_of(model)
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for i in range(0, ids.numel(), window):
                 model(input_ids=ids[i : i + window].unsqueeze(0).to(device), **extra)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     layers, token_experts = [], []

@@ -9,6 +9,7 @@ Files are written beside the target under a temporary name, checked, then rename
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..quant.serialize import quant_layers, swap_in
+from ..quant.serialize import swap_in
 from .config import ExportConfig
 
 
@@ -55,16 +56,15 @@ def export(model, format: str = "gguf", path: str = "", **options) -> ExportResu
 
     model = resolve_model(model)
     check_plain(model)
-    check_target(cfg.path, folder=cfg.format != "gguf")
-    if cfg.format == "gguf":
-        from .gguf import export_gguf
+    module, function, folder = _EXPORTERS[cfg.format]
+    check_target(cfg.path, folder=folder)
+    return getattr(importlib.import_module(module, __package__), function)(model, cfg)
 
-        return export_gguf(model, cfg)
-    if cfg.format == "vllm":
-        from .compressed import export_compressed
 
-        return export_compressed(model, cfg)
-    return _export_bnb(model, cfg)
+# export format -> (module, its function(model, cfg) -> ExportResult, whether it writes a folder); the
+# modules import torch, gguf and safetensors, so each loads only when its format is asked for
+_EXPORTERS = {"gguf": (".gguf", "export_gguf", False), "vllm": (".compressed", "export_compressed", True),
+              "bitsandbytes": (".bitsandbytes", "export_bnb", True)}
 
 
 def check_plain(model) -> None:
@@ -143,30 +143,19 @@ def move_into_place(tmp: str, path: str) -> None:
     os.replace(tmp, path)  # a single file: one rename replaces it atomically
 
 
+def write_then_rename(path: str, is_dir: bool, write) -> None:
+    """``write(tmp)`` (it writes and validates) on a new temporary file or folder beside ``path``, then rename
+    it to ``path``; on any failure, Ctrl-C included, the temporary goes and ``path`` is left as it was."""
+    tmp = temp_beside(path, is_dir)
+    try:
+        write(tmp)
+        move_into_place(tmp, path)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
 def size_of(path: str) -> int:
     p = Path(path)
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
-
-# ------------------------------------------------------------------------------- bitsandbytes
-
-
-def _export_bnb(model, cfg: ExportConfig) -> ExportResult:
-    """effnb.quant.serialize.export_bitsandbytes, written to a temporary folder and renamed into place."""
-    from ..models import find_tokenizer
-    from ..quant.serialize import export_bitsandbytes
-
-    tmp = temp_beside(cfg.path, is_dir=True)
-    try:
-        export_bitsandbytes(model, tmp)
-        if not (Path(tmp) / "config.json").is_file():
-            raise ValueError(f"bitsandbytes export wrote no config.json into {tmp!r}")
-        tok = find_tokenizer(model) if cfg.tokenizer else None
-        if tok is not None:
-            tok.save_pretrained(tmp)
-        move_into_place(tmp, cfg.path)
-    except BaseException:
-        discard(tmp)
-        raise
-    types = Counter(m.fmt for m in quant_layers(model).values())
-    return ExportResult("bitsandbytes", cfg.path, types, size_of(cfg.path))

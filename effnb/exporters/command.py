@@ -1,10 +1,10 @@
-"""The ``export`` command of ``%efficient`` and ``effnb`` (registry entry only; no torch import)."""
+"""The ``export`` command of ``%efficient`` and ``effnb``: data only (``effnb.commands`` registers it; no torch
+import, and no import of the front end from this package)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..commands import register_command
 from .config import ExportConfig
 
 
@@ -14,8 +14,8 @@ def _positionals(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", default=argparse.SUPPRESS, help="file (.gguf) or folder to write (same as --path)")
 
 
-register_command(
-    "export",
+COMMANDS = [dict(
+    name="export",
     summary="write a quantized model for a serving engine: gguf (llama.cpp: Q8_0/Q4_0/Q4_1), vllm "
             "(compressed-tensors, also transformers) or bitsandbytes; validated before it returns",
     api="effnb.exporters.api:export",
@@ -24,4 +24,4 @@ register_command(
     examples=["%efficient export q gguf out.gguf",
               "%efficient export q vllm out_dir --overwrite",
               "effnb export smollm2-135m --format gguf --path smol-f32.gguf"],
-)
+)]

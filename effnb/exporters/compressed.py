@@ -24,11 +24,25 @@ from collections import Counter
 from pathlib import Path
 
 from ..quant.serialize import quant_layers
-from .api import ExportResult, discard, float_state, move_into_place, size_of, temp_beside
+from .api import ExportResult, float_state, size_of, write_then_rename
 
 CHOICES = ("quantize(method='int4', symmetric=True, group_size=32/64/128/256) -> 4-bit pack-quantized; "
            "quantize(method='int8', group_size=32/64/128/256 or 0 = per channel) -> 8-bit; gptq with "
            "symmetric=True (4 or 8 bits)")
+
+
+def _int4_codes(qweight):
+    return qweight  # uint8 [N, K/2], already the unsigned nibbles in order
+
+
+def _int8_codes(qweight):
+    import torch
+
+    return qweight.view(torch.uint8) ^ 0x80  # int8 code + 128
+
+
+# effnb formats with a pack-quantized layout -> their codes as the layout's unsigned bytes
+_CODES = {"int4": _int4_codes, "int8": _int8_codes}
 
 
 def scheme(layer, groups: frozenset = frozenset()) -> tuple[int, str, int | None]:
@@ -37,12 +51,15 @@ def scheme(layer, groups: frozenset = frozenset()) -> tuple[int, str, int | None
     A layer whose one group spans its row is "channel", unless ``groups`` (the group sizes of the model's
     other layers) holds its size: then it stays in that group scheme, so one config group covers the model.
     """
-    if layer.fmt == "int8" or (layer.fmt == "int4" and layer.zeros is None):
-        bits = 8 if layer.fmt == "int8" else 4
+    from ..kernels.formats import get_format
+
+    zeros = getattr(layer, "zeros", None) is not None  # the format's zero points are integers: none stored
+    if layer.fmt in _CODES and not zeros:
+        bits = get_format(layer.fmt).bits
         if layer.group_size == layer.in_features and layer.group_size not in groups:
             return bits, "channel", None
         return bits, "group", layer.group_size
-    why = "asymmetric int4 (fractional zero points)" if layer.fmt == "int4" else layer.fmt
+    why = f"asymmetric {layer.fmt} (fractional zero points)" if layer.fmt in _CODES else layer.fmt
     raise ValueError(f"compressed-tensors (vllm) has no pack-quantized layout for {why} (method {layer.method}); "
                      f"choices: {CHOICES}")
 
@@ -56,10 +73,7 @@ def packed(layer):
     """int32 [N, K * bits / 32]: effnb's codes in the pack-quantized layout."""
     import torch
 
-    if layer.fmt == "int4":
-        raw = layer.qweight.detach().cpu().contiguous()  # uint8 [N, K/2], already the unsigned nibbles in order
-    else:
-        raw = layer.qweight.detach().cpu().contiguous().view(torch.uint8) ^ 0x80  # int8 code + 128
+    raw = _CODES[layer.fmt](layer.qweight.detach().cpu().contiguous())
     return raw.view(torch.int32).clone()
 
 
@@ -152,14 +166,11 @@ def export_compressed(model, cfg) -> ExportResult:
         raise ValueError(f"the model has no effnb quantized layers to export as compressed-tensors; {CHOICES}")
     qconfig = quantization_config(model, layers)
     state = tensors(model, layers)
-    tmp = Path(temp_beside(cfg.path, is_dir=True))
-    try:
-        _write(tmp, model, state, qconfig, cfg.tokenizer)
-        validate(tmp, state)
-        move_into_place(str(tmp), cfg.path)
-    except BaseException:
-        discard(str(tmp))
-        raise
+    def write(tmp: str) -> None:
+        _write(Path(tmp), model, state, qconfig, cfg.tokenizer)
+        validate(Path(tmp), state)
+
+    write_then_rename(cfg.path, True, write)
     sizes = group_sizes(layers)
     types = Counter(_label(scheme(m, sizes)) for m in layers.values())
     return ExportResult("vllm", cfg.path, types, size_of(cfg.path),

@@ -23,7 +23,7 @@ import sys
 from collections import Counter
 
 from ..quant.serialize import quant_layers
-from .api import ExportResult, discard, float_state, move_into_place, size_of, temp_beside
+from .api import ExportResult, float_state, size_of, write_then_rename
 
 BLOCK = 32
 CHOICES = ("quantize(method='int8', group_size=32) -> Q8_0; quantize(method='int4', group_size=32, symmetric=True) "
@@ -31,17 +31,26 @@ CHOICES = ("quantize(method='int8', group_size=32) -> Q8_0; quantize(method='int
            "bits=8 on those grids; float layers are written as stored")
 
 
+# (effnb format, stores zero points) of a group-32 layer -> the ggml block type holding its bytes
+_GGML_TYPES = {("int8", False): "Q8_0", ("int4", False): "Q4_0", ("int4", True): "Q4_1"}
+
+
+def _has_zeros(layer) -> bool:
+    return getattr(layer, "zeros", None) is not None
+
+
 def ggml_type(layer) -> str:
     """Q8_0 / Q4_0 / Q4_1 for a QuantLinear on a GGUF grid; ValueError naming the choices otherwise."""
-    if layer.group_size == BLOCK and layer.fmt == "int8":
-        return "Q8_0"
-    if layer.group_size == BLOCK and layer.fmt == "int4":
-        return "Q4_0" if layer.zeros is None else "Q4_1"
+    qtype = _GGML_TYPES.get((layer.fmt, _has_zeros(layer)))
+    if qtype is not None and layer.group_size == BLOCK:
+        return qtype
     grid = layer.fmt
-    if layer.fmt in ("int4", "int8"):
+    if qtype is not None:  # a GGUF format on another grid: say which
+        from ..kernels.formats import get_format
+
         per_row = " = per channel" if layer.group_size == layer.in_features else ""
-        grid += f" group {layer.group_size}{per_row}" + ("" if layer.fmt == "int8" or layer.zeros is not None
-                                                         else " symmetric")
+        symmetric = "zeros" in get_format(layer.fmt).buffers and not _has_zeros(layer)
+        grid += f" group {layer.group_size}{per_row}" + (" symmetric" if symmetric else "")
     raise ValueError(f"GGUF has no type for {grid} (method {layer.method}); GGUF-compatible choices: {CHOICES}")
 
 
@@ -57,25 +66,35 @@ def _scale_bytes(t):
 
 def _nibbles(layer):
     """effnb's codes -> ggml's 16 bytes per block: weight j low nibble, weight j + 16 high nibble."""
-    from ..quant.formats import unpack_int4
+    from ..kernels.reference import unpack_int4
 
     q = unpack_int4(layer.qweight.detach().cpu()).numpy().reshape(layer.out_features, -1, BLOCK)
     return q[..., :16] | (q[..., 16:] << 4)
+
+
+def _int8_codes(layer):
+    """int8 codes as they are: 32 bytes per block."""
+    return layer.qweight.detach().cpu().contiguous().numpy().view("uint8").reshape(layer.out_features, -1, BLOCK)
+
+
+def _scales(layer):
+    return _scale_bytes(layer.scales)
+
+
+def _minimums(layer):
+    return _scale_bytes(q4_1_min(layer))
+
+
+# ggml block type -> its fields in order, each uint8 [N, blocks, bytes]
+_BLOCK_FIELDS = {"Q8_0": (_scales, _int8_codes), "Q4_0": (_scales, _nibbles), "Q4_1": (_scales, _minimums, _nibbles)}
 
 
 def blocks(layer, qtype: str):
     """uint8 [out_features, in_features / 32 * block bytes]: the layer's weight in ggml's blocks."""
     import numpy as np
 
-    n = layer.out_features
-    if qtype == "Q8_0":
-        q = layer.qweight.detach().cpu().contiguous().numpy().view("uint8").reshape(n, -1, BLOCK)
-        parts = [_scale_bytes(layer.scales), q]
-    elif qtype == "Q4_0":
-        parts = [_scale_bytes(layer.scales), _nibbles(layer)]
-    else:
-        parts = [_scale_bytes(layer.scales), _scale_bytes(q4_1_min(layer)), _nibbles(layer)]
-    return np.concatenate(parts, axis=-1).reshape(n, -1)
+    parts = [field(layer) for field in _BLOCK_FIELDS[qtype]]
+    return np.concatenate(parts, axis=-1).reshape(layer.out_features, -1)
 
 
 def q4_1_min(layer):
@@ -230,14 +249,11 @@ def export_gguf(model, cfg) -> ExportResult:
     from .gguf_check import check_file
 
     tensors, facts = plan(model)
-    tmp = temp_beside(cfg.path, is_dir=False)
-    try:
+    def write_checked(tmp: str) -> None:
         write(tmp, model, tensors, cfg.tokenizer)
         check_file(tmp, tensors)
-        move_into_place(tmp, cfg.path)
-    except BaseException:
-        discard(tmp)
-        raise
+
+    write_then_rename(cfg.path, False, write_checked)
     types = Counter(t for _, _, t in tensors)
     res = ExportResult("gguf", cfg.path, types, size_of(cfg.path), details=dict(facts))
     if types.get("Q4_1"):

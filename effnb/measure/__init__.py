@@ -13,7 +13,7 @@ from .config import AuditConfig
 
 _LAZY = {
     "measure_model": ".core", "audit": ".core", "compare": ".core", "measure_region": ".core",
-    "perplexity": ".quality", "snr_db": ".quality", "embed": ".quality", "retrieval_recall": ".quality",
+    "perplexity": ".quality", "snr_db": "..torch_utils", "embed": ".quality", "retrieval_recall": ".quality",
     "embedding_agreement": ".quality", "environment": ".env", "PeakMemory": ".memory",
     "count_parameters": ".memory", "weight_bytes": ".memory", "flops_per_token": ".flops",
     "EnergyMeter": ".energy",

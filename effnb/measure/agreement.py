@@ -67,13 +67,13 @@ def lm_agreement(reference, candidate, ids, window: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .quality import _device_of
+    from ..torch_utils import device_of
 
     kl_sum, same, count = 0.0, 0, 0
     with torch.inference_mode():
         for chunk in _windows(ids, window):
-            ref = reference(input_ids=chunk.to(_device_of(reference)), use_cache=False).logits[0].float().cpu()
-            cand = candidate(input_ids=chunk.to(_device_of(candidate)), use_cache=False).logits[0].float().cpu()
+            ref = reference(input_ids=chunk.to(device_of(reference)), use_cache=False).logits[0].float().cpu()
+            cand = candidate(input_ids=chunk.to(device_of(candidate)), use_cache=False).logits[0].float().cpu()
             log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(cand, -1)  # [T, V]
             kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
             same += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
@@ -84,9 +84,9 @@ def lm_agreement(reference, candidate, ids, window: int) -> dict:
 def _pooled(model, seqs):
     import torch
 
-    from .quality import _device_of
+    from ..torch_utils import device_of
 
-    hidden = output_tensor(model(input_ids=seqs.to(_device_of(model)))).float().cpu()  # [n, T, H]
+    hidden = output_tensor(model(input_ids=seqs.to(device_of(model)))).float().cpu()  # [n, T, H]
     return torch.nn.functional.normalize(hidden.mean(1), dim=-1)  # [n, H]
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from .. import data as _data
 from .config import AuditConfig
 from .energy import EnergyMeter
-from .memory import PeakMemory, count_parameters, trim_heap, weight_bytes
-from .quality import _device_of, embedding_agreement, perplexity, retrieval_recall, token_ids
+from .memory import PeakMemory, count_parameters, weight_bytes
+from .quality import embedding_agreement, perplexity, retrieval_recall, token_ids
 
 
 @dataclass
@@ -67,6 +67,7 @@ def _window(model, cfg: AuditConfig) -> int:
 
 def _subject(model, name: str, cfg: AuditConfig, example_inputs=None) -> _Subject:
     from ..models import find_tokenizer, model_kind
+    from ..torch_utils import device_of
     from .agreement import to_device
     from .inputs import fixed_token_ids, token_ids_for
 
@@ -75,7 +76,7 @@ def _subject(model, name: str, cfg: AuditConfig, example_inputs=None) -> _Subjec
     if not _needs_run(cfg):
         return _Subject(model, name, kind, tok, None, "nothing run")
     _check_positions(model, cfg, kind)
-    device = _device_of(model)
+    device = device_of(model)
     if kind == "module":
         given = _module_inputs(model, example_inputs)
         return _Subject(model, name, kind, None, to_device(given.inputs, device), given.note)
@@ -161,11 +162,13 @@ def _agreement_quality(s: _Subject, cfg: AuditConfig, reference: _Subject | None
 
 
 def _base_row(s: _Subject, cfg: AuditConfig, wbytes: int, by_dtype: dict, by_module: dict) -> dict:
+    from ..torch_utils import device_of  # here: this module loads without torch (%%efficient, AuditConfig)
+
     total, trainable = count_parameters(s.model)
     causal = s.kind == "causal-lm"
     return {
         "name": s.name, "model_class": type(s.model).__name__, "kind": s.kind,
-        "device": str(_device_of(s.model)), "dtype": _dominant_dtype(by_dtype),
+        "device": str(device_of(s.model)), "dtype": _dominant_dtype(by_dtype),
         "parameters": total, "trainable_parameters": trainable,
         "weight_bytes": wbytes, "weight_bytes_by_dtype": by_dtype, "weight_bytes_by_module": by_module,
         "peak_memory_bytes": None, "peak_memory": None,
@@ -181,6 +184,9 @@ def _base_row(s: _Subject, cfg: AuditConfig, wbytes: int, by_dtype: dict, by_mod
 
 def _measure(s: _Subject, cfg: AuditConfig, reference: _Subject | None = None):
     """One report row for subject ``s`` and the encoder's document embeddings (None otherwise)."""
+    import torch
+
+    from ..torch_utils import device_of, eval_mode, trim_heap
     from .flops import flops_per_token
     from .speed import energy, speed
 
@@ -191,30 +197,27 @@ def _measure(s: _Subject, cfg: AuditConfig, reference: _Subject | None = None):
         row["peak_memory"] = {"transient_bytes": 0, "method": "weight bytes only: nothing was run (measurement off)"}
         row["quality"] = {"metric": "not measured", "value": None, "reason": "measurement switched off"}
         return row, None
-    model, device, embeddings = s.model, _device_of(s.model), None
-    was_training = model.training
-    model.eval()
+    model, device, embeddings = s.model, device_of(s.model), None
     try:
-        import torch
-
-        with torch.inference_mode():  # touch every weight once: memory-mapped checkpoints are paged in
-            _warm(s)                  # here, not counted as the run's transient memory
-        peak = PeakMemory(str(device))
-        with peak:
-            if cfg.speed:
-                sp = speed(model, s.kind, s.inputs, cfg, device)
-                work = sp.pop("_energy_work")
-                row.update(sp)
-                if cfg.energy:
-                    row["energy"] = energy(work, device)
-            if cfg.quality:
-                row["quality"], embeddings = _quality(s, cfg, reference)
-        row["peak_memory_bytes"] = wbytes + peak.peak_bytes
-        row["peak_memory"] = {"transient_bytes": peak.peak_bytes, "method": f"weight bytes + transient peak ({peak.method})"}
-        if cfg.flops and s.kind != "module":
-            row["flops_per_token"] = flops_per_token(model, s.inputs)
+        with eval_mode(model):
+            with torch.inference_mode():  # touch every weight once: memory-mapped checkpoints are paged in
+                _warm(s)                  # here, not counted as the run's transient memory
+            peak = PeakMemory(str(device))
+            with peak:
+                if cfg.speed:
+                    sp = speed(model, s.kind, s.inputs, cfg, device)
+                    work = sp.pop("_energy_work")
+                    row.update(sp)
+                    if cfg.energy:
+                        row["energy"] = energy(work, device)
+                if cfg.quality:
+                    row["quality"], embeddings = _quality(s, cfg, reference)
+            row["peak_memory_bytes"] = wbytes + peak.peak_bytes
+            row["peak_memory"] = {"transient_bytes": peak.peak_bytes,
+                                  "method": f"weight bytes + transient peak ({peak.method})"}
+            if cfg.flops and s.kind != "module":
+                row["flops_per_token"] = flops_per_token(model, s.inputs)
     finally:
-        model.train(was_training)
         trim_heap()  # the measurements' activations: variants measured one after another stay lean
     return row, embeddings
 

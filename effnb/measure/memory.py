@@ -85,29 +85,6 @@ def weight_bytes(model) -> tuple[int, dict[str, int], dict[str, int]]:
     return sum(by_dtype.values()), dict(sorted(by_dtype.items())), dict(sorted(by_kind.items()))
 
 
-_LIBC = None
-
-
-def trim_heap() -> None:
-    """Give the memory that freed tensors left in glibc's heap back to the operating system.
-
-    Quantizing creates and frees many layer-sized temporaries; glibc keeps freed blocks below its
-    (adaptive, up to 32 MB) mmap threshold in the heap, so the process's resident memory, what
-    Binder's 2 GB limit counts, stays up to ~0.9 GB above what is live (measured on SmolLM2: 2.20 GB
-    resident after a GPTQ run, 1.34 GB after this call). ``malloc_trim(0)`` returns those pages
-    (milliseconds). No-op where the C library is not glibc.
-    """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 - raises AttributeError if this libc has none
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 def _rss_bytes() -> int:

@@ -1,20 +1,10 @@
-"""Quality: perplexity for causal LMs; retrieval and embedding agreement for encoders; SNR in dB."""
+"""Quality: perplexity for causal LMs; retrieval and embedding agreement for encoders."""
 
 from __future__ import annotations
 
 import math
 
 from .. import data as _data
-
-
-def _device_of(model):
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    import torch
-
-    return torch.device("cpu")
 
 
 def token_ids(tokenizer, text: str):
@@ -34,12 +24,13 @@ def perplexity(model, text=None, *, max_tokens: int = 2048, window: int = 512, t
     import torch
 
     from ..models import tokenizer_for
+    from ..torch_utils import device_of
 
     tok = tokenizer or tokenizer_for(model)
     ids = token_ids(tok, _data.resolve_text(text))[:max_tokens]
     if ids.numel() < 2:
         raise ValueError(f"the text gives {ids.numel()} token(s); perplexity needs at least 2")
-    device = _device_of(model)
+    device = device_of(model)
     nll, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, ids.numel(), window):
@@ -59,9 +50,10 @@ def embed(model, sentences, *, tokenizer=None, batch_size: int = 64, max_length:
     import torch
 
     from ..models import tokenizer_for
+    from ..torch_utils import device_of
 
     tok = tokenizer or tokenizer_for(model)
-    device = _device_of(model)
+    device = device_of(model)
     out = []
     with torch.inference_mode():
         for i in range(0, len(sentences), batch_size):
@@ -110,13 +102,3 @@ def embedding_agreement(reference, candidate, k: int = 5) -> dict:
     a, b = knn(reference), knn(candidate)
     overlap = torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(a, b)]).mean().item()
     return {"cosine": cos, f"top{k}_agreement": overlap}
-
-
-def snr_db(reference, approx) -> float:
-    """Signal-to-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2); inf when equal."""
-    ref = reference.detach().double()
-    err = (ref - approx.detach().double()).pow(2).sum().item()
-    sig = ref.pow(2).sum().item()
-    if err == 0:
-        return math.inf
-    return 10 * math.log10(sig / err) if sig > 0 else -math.inf

@@ -3,9 +3,17 @@
     res = effnb.quantize(model, method="nf4", group_size=64)
     res.model, res.report, res.details["layers"]
 
-The input model is never changed unless ``inplace=True``: the new layers are all built first,
-from read-only views of the input's weights, and only then put into a copy (or, with
-``inplace=True``, into the model itself, undoing the swaps if anything interrupts them).
+The input model is never changed unless ``inplace=True``: the run goes through
+``effnb.technique.run_technique``, which hands this module a copy of the input (without the weights
+about to be replaced); the new layers are built from read-only views of the input's weights and
+only then swapped in (with ``inplace=True``, into the model itself, undoing the swaps if anything
+interrupts them).
+
+Blocks that keep their experts as 3-D parameters (effnb's MoE blocks) are quantized through a
+duck-typed protocol, so this package needs no import of theirs: a module offering
+``expert_matrices()`` ({name: in_features}) and ``quantize_experts(quantize_layer, which)`` gets
+its selected expert matrices quantized by ``quantize_layer`` below, its own Linear layers (the
+router) kept in full precision.
 """
 
 from __future__ import annotations
@@ -13,11 +21,11 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import re
 import sys
 import time
 
-from .config import BNB_BLOCKSIZES, GROUP_SIZES, QuantConfig
+from .config import GROUP_SIZES, QuantConfig
+from .methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +39,7 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     (method, bits, group_size, symmetric, double_quant, include/exclude, quantize_lm_head, backend,
     calibration..., inplace, measure, save_to).
     """
-    cfg = QuantConfig.from_kwargs(method=method, **options)
+    cfg = QuantConfig.from_kwargs(method=method, name=name, **options)
     if isinstance(model, (str, os.PathLike)) and cfg.save_to is not None:
         from .stream import checkpoint_folder, quantize_checkpoint, refuse_writing_into
 
@@ -42,7 +50,7 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     from ..models import resolve_model
 
     model = resolve_model(model)
-    res = _quantize_module(model, cfg, name)
+    res = quantize_module(model, cfg)
     if cfg.save_to is not None:
         from .serialize import save
 
@@ -50,36 +58,47 @@ def quantize(model, method: str = "nf4", *, name: str | None = None, **options):
     return res
 
 
-def _quantize_module(model, cfg: QuantConfig, name: str | None):
-    t0 = time.perf_counter()
-    targets = select_layers(model, cfg)
-    from ..experts.quant import prepare_moe  # effnb MoE blocks: experts quantized one by one, routers kept
+def quantize_module(model, cfg: QuantConfig):
+    """``effnb.quantize`` on a loaded module, through the technique runner."""
+    from ..models import model_name
+    from ..technique import run_technique
+    from .report import quant_change
 
-    targets, finish_moe = prepare_moe(model, targets, cfg)
-    from ..measure.memory import trim_heap
+    t0 = time.perf_counter()
+    base = cfg.name or model_name(model)
+    targets = select_layers(model, cfg)
+    experts = select_experts(model, cfg)
+    owners = experts_owners(model)  # their own Linear layers (MoE routers) stay in full precision
+    targets = {n: m for n, m in targets.items() if not _inside(n, owners)}
+
+    def transform(work):
+        new_layers, layer_stats, note = quantize_targets(model, targets, cfg)
+        _swap(work, new_layers)
+        layer_stats += _quantize_experts(work, experts, cfg)
+        return quant_change(work, cfg, layer_stats, time.perf_counter() - t0, base, calibration=note)
+
+    return run_technique(model, cfg, transform, base_name=base,
+                         copy=lambda m: _copy_without(m, targets, share=cfg.share_unquantized))
+
+
+def quantize_targets(model, targets: dict, cfg: QuantConfig) -> tuple[dict, list, str | None]:
+    """({name: new layer}, [per-layer stats], how gptq calibrated or None); ``model`` is only read."""
+    from ..torch_utils import trim_heap
 
     cache: dict = {}  # per call: concurrent calls share nothing
-    note = None
     try:
-        if cfg.method == "gptq":
-            new_layers, layer_stats, note = _gptq(model, targets, cfg, cache)
-        else:
-            new_layers, layer_stats = {}, []
-            for i, (lname, module) in enumerate(targets.items(), start=1):
-                new, stats = _quantize_layer(lname, module, cfg, None, cache)
-                new_layers[lname] = new
-                layer_stats.append(stats)
-                if i % 32 == 0:
-                    trim_heap()  # each layer frees a few layer-sized temporaries: keep the resident set near what is live
+        if get_method(cfg.method).calibrated:
+            return _gptq(model, targets, cfg, cache)
+        new_layers, layer_stats = {}, []
+        for i, (lname, module) in enumerate(targets.items(), start=1):
+            new_layers[lname], stats = quantize_layer(lname, module, cfg, None, cache)
+            layer_stats.append(stats)
+            if i % 32 == 0:
+                trim_heap()  # each layer frees a few layer-sized temporaries: keep the resident set near what is live
+        return new_layers, layer_stats, None
     finally:
         cache.clear()
         trim_heap()
-    qmodel = model if cfg.inplace else _copy_without(model, targets, share=cfg.share_unquantized)
-    _swap(qmodel, new_layers)
-    layer_stats += finish_moe(qmodel)
-    from .report import build_result
-
-    return build_result(model, qmodel, cfg, layer_stats, time.perf_counter() - t0, name=name, calibration=note)
 
 
 def _gptq(model, targets: dict, cfg: QuantConfig, cache: dict):
@@ -90,7 +109,7 @@ def _gptq(model, targets: dict, cfg: QuantConfig, cache: dict):
     from . import calibrate
 
     def quantize_one(lname, module, hessian):
-        return _quantize_layer(lname, module, cfg, hessian, cache)
+        return quantize_layer(lname, module, cfg, hessian, cache)
 
     if model_kind(model) == "module":
         batches, note = None, "the model's example inputs (not a language model)"
@@ -114,83 +133,115 @@ def _gptq(model, targets: dict, cfg: QuantConfig, cache: dict):
 # ------------------------------------------------------------------------------ layer selection
 
 
-def _linear_types():
-    import torch
+def _quantized(m) -> bool:
+    from ..torch_utils import is_quantized_linear
 
-    types = [torch.nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # transformers is optional for plain torch models
-        pass
-    return tuple(types)
-
-
-def _quantized_types():
-    from .linear import QuantLinear
-
-    types = [QuantLinear]
+    if is_quantized_linear(m):
+        return True
     # a model can hold bitsandbytes layers only if bitsandbytes is imported already; importing it
     # just to look would cost ~10 s on a 2-core CPU
     bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None:
-        types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    return tuple(types)
+    return bnb is not None and isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def _selected(lname: str, cfg: QuantConfig) -> bool:
+    if cfg.include and not any(fnmatch.fnmatch(lname, p) for p in cfg.include):
+        return False
+    return not (cfg.exclude and any(fnmatch.fnmatch(lname, p) for p in cfg.exclude))
 
 
 def select_layers(model, cfg: QuantConfig) -> dict:
-    """{name: module} of the layers to quantize; raises ValueError when there is nothing to do."""
-    quantized = [n for n, m in model.named_modules() if isinstance(m, _quantized_types())]
+    """{name: module} of the Linear layers to quantize; raises ValueError when there is nothing to do."""
+    from ..torch_utils import linear_layers, output_head
+
+    quantized = [n for n, m in model.named_modules() if _quantized(m)]
     if quantized:
         raise ValueError(f"model is already quantized ({len(quantized)} quantized layers, e.g. {quantized[0]!r}); "
                          "quantize the original model instead")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linear_types = _linear_types()
+    head = output_head(model)
     found, targets = [], {}
-    for lname, m in model.named_modules():
-        if not isinstance(m, linear_types):
-            continue
+    for lname, m in linear_layers(model, include_quantized=False):
         found.append(lname)
-        if m is head and not cfg.quantize_lm_head:
-            continue
-        if cfg.include and not any(fnmatch.fnmatch(lname, p) for p in cfg.include):
-            continue
-        if cfg.exclude and any(fnmatch.fnmatch(lname, p) for p in cfg.exclude):
-            continue
-        targets[lname] = m
+        if (m is not head or cfg.quantize_lm_head) and _selected(lname, cfg):
+            targets[lname] = m
     if not targets:
         if not found:
             raise ValueError(f"nothing to quantize: {type(model).__name__} has no nn.Linear or Conv1D layers")
         raise ValueError(f"nothing to quantize: include={cfg.include} exclude={cfg.exclude} "
                          f"quantize_lm_head={cfg.quantize_lm_head} leave none of the {len(found)} Linear layers "
                          f"(e.g. {', '.join(found[:3])})")
-    if cfg.method not in ("nf4", "fp4", "llm.int8") and cfg.group_size:
-        for lname, m in targets.items():
-            k = _in_out(m)[0]
-            if k % cfg.group_size:
-                ok = [g for g in GROUP_SIZES if k % g == 0]
-                hint = f"group sizes that divide it: {', '.join(map(str, ok))}" if ok else "no group size divides it"
-                raise ValueError(f"group_size={cfg.group_size} does not divide layer {lname!r} "
-                                 f"(in_features={k}); {hint}; or exclude the layer")
-    from .backends import availability
+    for lname, m in targets.items():
+        _check_divides(cfg, in_out(m)[0], f"layer {lname!r}", "the layer")
+    from ..kernels.ops import availability
 
     if cfg.backend not in ("auto", "bitsandbytes"):
         why = availability(cfg.backend, cfg.fmt)
         if why:
             raise ValueError(f"backend={cfg.backend!r} cannot run {cfg.method}: {why} "
                              "(use backend='auto' or 'reference')")
-    if cfg.method in ("nf4", "fp4") and cfg.group_size not in BNB_BLOCKSIZES:  # pragma: no cover - config checks
-        raise ValueError(f"blocksize {cfg.group_size} not supported")
     return targets
 
 
-def _in_out(m) -> tuple[int, int]:
+def _check_divides(cfg: QuantConfig, k: int, what: str, exclude: str) -> None:
+    """ValueError unless the group size divides ``k`` (methods that group along rows only)."""
+    if get_method(cfg.method).group_rule != "groups" or not cfg.group_size or k % cfg.group_size == 0:
+        return
+    ok = [g for g in GROUP_SIZES if k % g == 0]
+    hint = f"group sizes that divide it: {', '.join(map(str, ok))}" if ok else "no group size divides it"
+    raise ValueError(f"group_size={cfg.group_size} does not divide {what} (in_features={k}); {hint}; "
+                     f"or exclude {exclude}")
+
+
+def experts_owners(model) -> list[str]:
+    """Names of the modules that quantize their own experts (the protocol in the module docstring)."""
+    return [n for n, m in model.named_modules() if callable(getattr(m, "quantize_experts", None))]
+
+
+def _inside(lname: str, owners: list[str]) -> bool:
+    return any(not o or lname.startswith(o + ".") for o in owners)
+
+
+def select_experts(model, cfg: QuantConfig) -> dict[str, tuple[str, ...]]:
+    """{block name: its expert matrices to quantize} for the blocks offering ``quantize_experts``; the
+    matrices are named ``<block>.<matrix>`` (e.g. ``layers.0.mlp.w_in``) for include/exclude."""
+    plan = {}
+    for n in experts_owners(model):
+        block = model.get_submodule(n) if n else model
+        sizes = block.expert_matrices()
+        which = tuple(w for w in sizes if _selected(f"{n}.{w}", cfg))
+        if not which:
+            continue
+        if get_method(cfg.method).calibrated:
+            raise ValueError(f"{cfg.method} cannot quantize the MoE experts of {n!r} (it needs per-expert calibration "
+                             "Hessians); use method 'hqq', 'int4', 'int8' or 'nf4', or exclude=['*.w_in', '*.w_out']")
+        for w in which:
+            _check_divides(cfg, sizes[w], f"the experts' {w} of {n!r}", f"'{n}.{w}'")
+        plan[n] = which
+    return plan
+
+
+def _quantize_experts(work, plan: dict, cfg: QuantConfig) -> list[dict]:
+    """Swap each planned block of ``work`` for its quantized form; returns the per-matrix stats."""
+    stats, new_blocks = [], {}
+    for n, which in plan.items():
+        def quantize_one(rel, lin, n=n):
+            new, st = quantize_layer(f"{n}.{rel}", lin, cfg, None)
+            stats.append(st)
+            return new
+
+        block = work.get_submodule(n) if n else work
+        new_blocks[n] = block.quantize_experts(quantize_one, which)
+    _swap(work, new_blocks)
+    return stats
+
+
+def in_out(m) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or a transformers Conv1D (weight stored [in, out])."""
     import torch
 
     if isinstance(m, torch.nn.Linear):
         return m.in_features, m.out_features
-    k, n = m.weight.shape  # transformers' Conv1D stores [in, out]
+    k, n = m.weight.shape
     return k, n
 
 
@@ -207,73 +258,42 @@ def _weight_nk(m):
 # --------------------------------------------------------------------------------- quantization
 
 
-def _quantize_layer(lname: str, m, cfg: QuantConfig, hessian, cache: dict | None = None):
-    """(new layer, its stats). ``cache``: the caller's, where gptq keeps the factorisation of the last
-    Hessian (q/k/v and gate/up share one)."""
-    from . import methods
-    from .linear import QuantLinear
+def quantize_layer(lname: str, m, cfg: QuantConfig, hessian, cache: dict | None = None):
+    """(new layer, its stats) for one Linear-like layer ``m`` (only read). ``cache``: the caller's, where
+    gptq keeps the factorisation of the last Hessian (q/k/v and gate/up share one)."""
+    from ..torch_utils import snr_db
 
-    k, n = _in_out(m)
+    method = get_method(cfg.method)
+    k, n = in_out(m)
     w = _weight_nk(m)
     bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
-    if cfg.method == "hqq" and cfg.fmt == "nf4":
-        tensors = methods.hqq_nf4(w, cfg.group_size)
-    elif cfg.method == "hqq":
-        tensors = methods.hqq(w, cfg.bits, cfg.group_size, iters=cfg.hqq_iters, symmetric=cfg.symmetric)
-    elif cfg.method == "gptq":
-        cache = {} if cache is None else cache
-        if cache.get("hessian") is not hessian:  # q/k/v and gate/up share one factorisation
-            cache.update(hessian=hessian, factor=methods.gptq_inverse_factor(hessian, cfg.gptq_damp))
-        tensors = methods.gptq(w, hessian, cfg.bits, cfg.group_size, damp=cfg.gptq_damp, symmetric=cfg.symmetric,
-                               factor=cache["factor"])
-    elif cfg.method == "llm.int8":
-        tensors = None
-    else:
-        tensors = methods.rtn(w, cfg.fmt, cfg.group_size, symmetric=cfg.symmetric, double_quant=cfg.double_quant)
+    fmt, tensors = method.quantize(w, cfg, hessian, cache=cache)
     sq_err = tensors.pop("_sq_err", None) if tensors else None
-    g = cfg.group_size or k
-    if cfg.backend == "bitsandbytes" or cfg.method == "llm.int8":
-        from .bnb import to_bnb_module
+    if cfg.backend == "bitsandbytes" or method.bitsandbytes_only:
+        from ..kernels.bnb import dequantize_bnb, to_bnb_module
 
-        new = to_bnb_module(w, bias, cfg, tensors, k, n, dtype=m.weight.dtype)
-        approx = _bnb_dequant(new)
+        # llm.int8's outlier threshold: a method that runs only through bitsandbytes is LLM.int8()
+        threshold = cfg.llm_int8_threshold if method.bitsandbytes_only else 0.0
+        new = to_bnb_module(w, bias, tensors, fmt=fmt, group_size=cfg.group_size, k=k, n=n, dtype=m.weight.dtype,
+                            double_quant=cfg.double_quant, threshold=threshold)
+        approx = dequantize_bnb(new)
     else:
-        new = QuantLinear(k, n, cfg.fmt, g, tensors, bias, backend=cfg.backend, method=cfg.method)
+        from ..kernels.linear import QuantLinear
+
+        new = QuantLinear(k, n, fmt, cfg.group_size or k, tensors, bias, backend=cfg.backend, method=cfg.method)
         if bias is not None:
             new.bias.data = new.bias.data.to(m.weight.dtype)
         approx = new.dequantize() if sq_err is None else None
-    snr = _snr_db(w, approx) if sq_err is None else _snr_from_error(w, sq_err)
+    snr = snr_db(w, approx) if sq_err is None else snr_db(w, squared_error=sq_err)
     stats = {"name": lname, "in_features": k, "out_features": n, "snr_db": snr,
              "bytes_before": m.weight.numel() * m.weight.element_size(), "bytes_bf16": m.weight.numel() * 2,
              "bytes_after": _module_weight_bytes(new)}
     return new, stats
 
 
-def _snr_db(ref, approx) -> float:
-    """10 log10(|w|^2 / |w - w_q|^2) (norms accumulated by torch in fp32 with pairwise sums)."""
-    import math
-
-    import torch
-
-    err = torch.linalg.vector_norm(ref - approx).item() ** 2
-    sig = torch.linalg.vector_norm(ref).item() ** 2
-    return math.inf if err == 0 else 10 * math.log10(sig / err) if sig > 0 else -math.inf
-
-
-def _snr_from_error(ref, sq_err: float) -> float:
-    import math
-
-    import torch
-
-    sig = torch.linalg.vector_norm(ref).item() ** 2
-    return math.inf if sq_err == 0 else 10 * math.log10(sig / sq_err) if sig > 0 else -math.inf
-
-
 def _module_weight_bytes(m) -> int:
     """Stored bytes of a quantized module's weight with its scales/statistics (bias excluded)."""
-    from .linear import QuantLinear
-
-    if isinstance(m, QuantLinear):
+    if hasattr(m, "storage_bytes"):  # effnb's QuantLinear
         return m.storage_bytes()
     total = m.weight.nbytes
     qs = getattr(m.weight, "quant_state", None)
@@ -284,12 +304,6 @@ def _module_weight_bytes(m) -> int:
             total += qs.state2.absmax.nbytes + qs.state2.code.nbytes
     scb = getattr(m.weight, "SCB", None)
     return total + (scb.nbytes if scb is not None else 0)
-
-
-def _bnb_dequant(m):
-    from .bnb import dequantize_bnb
-
-    return dequantize_bnb(m)
 
 
 # ------------------------------------------------------------------------------------- swapping
@@ -305,32 +319,23 @@ def _copy_without(model, targets: dict, share: bool = False):
 
     memo = {}
     placeholder = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-    tied = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if not _owned_by(n, targets)}
+    tied = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n.rsplit(".", 1)[0] not in targets}
     for m in targets.values():
         if id(m.weight) not in tied:
             memo[id(m.weight)] = placeholder
     return copy_model(model, share_parameters=share, memo=memo)
 
 
-def _owned_by(param_name: str, targets: dict) -> bool:
-    return param_name.rsplit(".", 1)[0] in targets
-
-
-def _swap(model, new_layers: dict) -> None:
+def _swap(model, new_modules: dict) -> None:
+    """Put each new module in its place; on an error or Ctrl-C part-way, every original is put back."""
     done = []
     try:
-        for lname, new in new_layers.items():
+        for lname, new in new_modules.items():
             parent_name, _, child = lname.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             done.append((parent, child, getattr(parent, child)))
             setattr(parent, child, new)
-    except BaseException:  # Ctrl-C or an error part-way: put every original layer back
+    except BaseException:
         for parent, child, old in reversed(done):
             setattr(parent, child, old)
         raise
-
-
-def layer_position(lname: str) -> tuple[str, str]:
-    """('block index', 'layer kind') for the heatmap, e.g. 'model.layers.3.mlp.up_proj' -> ('3', 'mlp.up_proj')."""
-    m = re.search(r"\.(\d+)\.(.+)$", lname)
-    return (m.group(1), m.group(2)) if m else ("-", lname)

@@ -16,7 +16,9 @@ model therefore see nothing of each other. Models without a recognisable list of
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import logging
 
 import torch
@@ -110,38 +112,32 @@ def calibration_batches(model, cfg) -> tuple[torch.Tensor, str]:
     return ids[: n_seq * T].reshape(n_seq, T), f"{n_seq} x {T} tokens of {what}"
 
 
-class HessianHooks:
-    """Pre-hooks that accumulate H = X^T X (fp32) of each named module's input.
+class Hessians:
+    """H = X^T X (fp32) of each named module's input, accumulated call by call (never stored whole).
 
     Layers fed the very same input tensor (q/k/v, gate/up) share one Hessian: computed once,
     stored once, factorised once."""
 
-    def __init__(self, modules: dict):
+    def __init__(self):
         self.hess: dict = {}
         self.alias: dict[str, str] = {}
         self._last: dict = {"x": None, "name": None}
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
-    def _hook(self, lname):
-        def fn(_mod, args):
-            x_in = args[0]
-            if lname in self.alias:
-                return
-            last = self._last
-            if last["x"] is x_in and last["name"] != lname and lname not in self.hess:
-                self.alias[lname] = last["name"]
-                return
-            last["x"], last["name"] = x_in, lname
-            x = x_in.detach().reshape(-1, x_in.shape[-1]).float()
-            if lname not in self.hess:
-                self.hess[lname] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
-            self.hess[lname].addmm_(x.t(), x)
-        return fn
+    def add(self, lname: str, x_in: torch.Tensor) -> None:
+        if lname in self.alias:
+            return
+        last = self._last
+        if last["x"] is x_in and last["name"] != lname and lname not in self.hess:
+            self.alias[lname] = last["name"]
+            return
+        last["x"], last["name"] = x_in, lname
+        x = x_in.detach().reshape(-1, x_in.shape[-1]).float()
+        if lname not in self.hess:
+            self.hess[lname] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+        self.hess[lname].addmm_(x.t(), x)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._last["x"] = None
+    def forget_last(self) -> None:
+        self._last["x"] = None  # the last input is compared by identity only: do not keep it alive
 
     def result(self, names) -> dict:
         """{name: Hessian} for ``names`` (ValueError naming a layer that never ran)."""
@@ -152,6 +148,22 @@ class HessianHooks:
             raise ValueError(f"gptq: layer {missing[0]!r} never ran on the calibration inputs, so it has no Hessian; "
                              "exclude it or use a calibration-free method (hqq)")
         return self.hess
+
+
+@contextlib.contextmanager
+def collect_hessians(modules: dict):
+    """``Hessians`` of ``modules`` ({name: module}) over the forward passes inside the block; hooks removed
+    on exit. Each input is added as it comes (``capture_inputs`` keeps only the None ``add`` returns)."""
+    from ..torch_utils import capture_inputs
+
+    acc = Hessians()
+    with contextlib.ExitStack() as stack:
+        for name, mod in modules.items():
+            stack.enter_context(capture_inputs({name: mod}, transform=functools.partial(acc.add, name)))
+        try:
+            yield acc
+        finally:
+            acc.forget_last()
 
 
 # ------------------------------------------------------------------------------ block by block
@@ -249,7 +261,7 @@ def gptq_by_block(model, path: str, targets: dict, inputs: list, quantize_one, l
     the block runs as a view in ``compute_dtype`` (its own fp32 copy on a CPU), so the caller's
     block is never changed. ``load_block(i)`` gives block i (streaming: materialised from the
     shards; the quantized layers are put into it); by default the model's own block."""
-    from ..measure.memory import trim_heap
+    from ..torch_utils import trim_heap
 
     blocks = model.get_submodule(path)
     dtype = compute_dtype(model)
@@ -261,12 +273,9 @@ def gptq_by_block(model, path: str, targets: dict, inputs: list, quantize_one, l
         prefix = f"{path}.{i}."
         names = [n for n in targets if n.startswith(prefix)]
         if names:
-            hooks = HessianHooks({n: block.get_submodule(n[len(prefix):]) for n in names})
-            try:
+            with collect_hessians({n: block.get_submodule(n[len(prefix):]) for n in names}) as acc:
                 _run_block(block, inputs)
-            finally:
-                hooks.remove()
-            hess = hooks.result(names)
+            hess = acc.result(names)
             for n in names:
                 new, st = quantize_one(n, stored.get_submodule(n[len(prefix):]), hess.pop(n))
                 new_layers[n] = new
@@ -291,24 +300,27 @@ def _put(root, rel: str, new) -> None:
 # --------------------------------------------------------------------------------- whole model
 
 
+def _runner(model, view, targets: dict):
+    """What to run for the Hessians: the output head of a causal LM is ~20% of SmolLM2's forward FLOPs, so
+    when it is not a target the base model runs alone (the same inputs reach every target layer)."""
+    from ..torch_utils import output_head
+
+    head = output_head(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    if head is not None and prefix and hasattr(view, prefix) and not any(m is head for m in targets.values()):
+        return getattr(view, prefix)
+    return view
+
+
 def whole_model_hessians(model, targets: dict, batches: torch.Tensor | None) -> dict:
     """Hessians of every target over the calibration inputs, the model run whole (on a view)."""
+    from ..measure.agreement import call_model, to_device
     from ..models import example_inputs_for, model_kind
 
     view = module_view(model)
-    mods = {n: view.get_submodule(n) for n in targets}
-    from ..measure.agreement import call_model, to_device
-
-    hooks = HessianHooks(mods)
     device = _device(model)
-    # The output head of a causal LM is ~20% of SmolLM2's forward FLOPs: when it is not a target, run
-    # the base model only (the same inputs reach every target layer).
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    prefix = getattr(model, "base_model_prefix", "")
-    runner = view
-    if head is not None and prefix and hasattr(view, prefix) and not any(m is head for m in targets.values()):
-        runner = getattr(view, prefix)
-    try:
+    runner = _runner(model, view, targets)
+    with collect_hessians({n: view.get_submodule(n) for n in targets}) as acc:
         with torch.inference_mode():
             if model_kind(model) == "module":
                 inputs, why = example_inputs_for(model)
@@ -319,11 +331,11 @@ def whole_model_hessians(model, targets: dict, batches: torch.Tensor | None) -> 
             else:
                 for i in range(0, batches.shape[0], BATCH):
                     runner(input_ids=batches[i:i + BATCH].to(device))
-    finally:
-        hooks.remove()
-    return hooks.result(targets)
+    return acc.result(targets)
 
 
 def _device(model):
+    """Where the model runs: the device of its first parameter not on the meta device (a streamed model's
+    blocks stay there until loaded, so ``torch_utils.device_of``, which takes the first parameter, could say "meta")."""
     p = next((p for p in model.parameters() if p.device.type != "meta"), None)
     return p.device if p is not None else torch.device("cpu")

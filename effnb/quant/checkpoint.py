@@ -113,14 +113,15 @@ def read_tensors(path: Path, meta: dict) -> dict:
 
 def check_layers(path: Path, meta: dict, state: dict) -> None:
     """Each quantized layer's tensors against its sizes in effnb.json (linear.check_layer)."""
-    from .linear import _BUFFERS, FORMATS, check_layer
+    from ..kernels.formats import FORMATS
+    from ..kernels.linear import check_layer
 
     for lname, cfg in meta["layers"].items():
         where, prefix = f"{path}: layer {lname!r}", lname + "."
         fmt = cfg.get("fmt")
         if fmt not in FORMATS:
             raise ValueError(f"{where}: unknown format {fmt!r} in effnb.json; supported: {', '.join(FORMATS)}")
-        allowed = _BUFFERS[fmt]
+        allowed = FORMATS[fmt].buffers
         for name in cfg["buffers"]:
             if name not in allowed:
                 raise ValueError(f"{where}: effnb.json lists buffer {name!r}, which format {fmt!r} does not have")
@@ -141,7 +142,7 @@ def check_fits(path: Path, model, meta: dict, state: dict) -> None:
     """Every tensor has its place in ``model`` with the right shape, before the model is changed."""
     from torch import nn
 
-    from .linear import QuantLinear
+    from ..kernels.linear import QuantLinear
 
     f = path / "model.safetensors"
     expected = {k: t for k, t in model.state_dict().items() if hasattr(t, "shape")}

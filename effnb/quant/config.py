@@ -20,25 +20,34 @@ Methods and what they cost (4 bits, group 64, measured in docs/benchmarks.md):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 
 from ..options import did_you_mean
+from ..technique import TechniqueConfig
+from .methods import METHODS, get_method
 
-METHODS = ("int8", "int4", "nf4", "fp4", "hqq", "gptq", "fp8", "llm.int8")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "bitsandbytes")
-# bits each method supports (first = default)
-METHOD_BITS = {"int8": (8,), "int4": (4,), "nf4": (4,), "fp4": (4,), "hqq": (4, 8), "gptq": (4, 8),
-               "fp8": (8,), "llm.int8": (8,)}
 GROUP_SIZES = (32, 64, 128, 256)
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+HQQ_GRIDS = ("nf4", "int4")
 
 
-def _did_you_mean(value: str, allowed) -> str:
+def _hint(value, allowed) -> str:
+    # quantize's option names are short and alike: a looser cutoff than the options' default
     return did_you_mean(value, allowed, cutoff=0.5)
 
 
+def allowed_group_sizes(method, bits: int) -> tuple:
+    """The group sizes ``method`` (a ``Method``) takes at ``bits``; 0 (one scale per output channel)
+    only at 8 bits."""
+    if method.group_rule == "blocksize":
+        return BNB_BLOCKSIZES
+    return (*GROUP_SIZES, 0) if bits == 8 else GROUP_SIZES
+
+
 @dataclass
-class QuantConfig:
+class QuantConfig(TechniqueConfig):
     """Options of ``effnb.quantize``. Every field is also ``--kebab-case`` on the magic and CLI."""
 
     method: str = field(default="nf4", metadata={"help": "quantization method", "choices": list(METHODS)})
@@ -65,17 +74,17 @@ class QuantConfig:
     hqq_iters: int = field(default=20, metadata={"help": "hqq --hqq-grid int4: optimisation iterations per layer"})
     hqq_grid: str = field(default="nf4", metadata={
         "help": "hqq: nf4 (NF4 codes, optimised block scales; best quality) or int4 (asymmetric int4, "
-                "half-quadratic zero optimisation as in the HQQ paper)", "choices": ["nf4", "int4"]})
+                "half-quadratic zero optimisation as in the HQQ paper)", "choices": list(HQQ_GRIDS)})
     gptq_damp: float = field(default=0.01, metadata={"help": "gptq: dampening, fraction of the mean Hessian diagonal"})
     llm_int8_threshold: float = field(default=6.0, metadata={"help": "llm.int8: outlier threshold"})
-    inplace: bool = field(default=False, metadata={
+    inplace: bool = field(default=False, metadata={  # TechniqueConfig's, with quantize's own help
         "help": "replace the layers of the given model instead of returning a new one", "cli": False})
     share_unquantized: bool = field(default=False, metadata={
         "help": "the new model reuses the input model's tensors that are not quantized (embeddings, norms, "
                 "a kept lm_head) instead of copying them: saves their memory when several variants are "
                 "kept (SmolLM2: 113 MB each); an in-place change to one of those tensors then shows in "
                 "both models"})
-    measure: bool = field(default=True, metadata={
+    measure: bool = field(default=True, metadata={  # TechniqueConfig's, with quantize's own help
         "help": "measure speed and quality before and after (off: sizes and per-layer SNR only)"})
     save_to: str | None = field(default=None, metadata={
         "help": "also write the quantized model to this folder (effnb.save); given a checkpoint folder or a cached "
@@ -83,50 +92,61 @@ class QuantConfig:
                 "still loads the original: add --no-measure to keep memory at the quantized model's size)"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.method, str) or self.method.lower() not in METHODS:
-            raise ValueError(f"unknown quantization method {self.method!r}{_did_you_mean(self.method, METHODS)} "
-                             f"(methods: {', '.join(METHODS)})")
-        self.method = self.method.lower()
-        sizes = BNB_BLOCKSIZES if self.method in ("nf4", "fp4") else (*GROUP_SIZES, 0)
-        for name, allowed in (("bits", METHOD_BITS[self.method]), ("group_size", sizes)):
+        super().__post_init__()
+        method = get_method(self.method)  # ValueError naming the methods, with a did-you-mean
+        self.method = method.name
+        self._check_bits_and_groups(method)
+        self._check_method_options(method)
+        self._check_backend(method)
+        self._check_numbers()
+        self._check_save_and_patterns()
+
+    def _check_bits_and_groups(self, method) -> None:
+        sizes = BNB_BLOCKSIZES if method.group_rule == "blocksize" else (*GROUP_SIZES, 0)
+        for name, allowed in (("bits", method.bits), ("group_size", sizes)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__}); "
                                 f"{self.method} takes {', '.join(map(str, allowed))}")
-        allowed_bits = METHOD_BITS[self.method]
         if self.bits is None:
-            self.bits = allowed_bits[0]
-        if isinstance(self.bits, bool) or self.bits not in allowed_bits:
+            self.bits = method.bits[0]
+        if isinstance(self.bits, bool) or self.bits not in method.bits:
             raise ValueError(f"method {self.method!r} does not support bits={self.bits!r} "
-                             f"(supported: {', '.join(map(str, allowed_bits))})")
-        if self.method in ("nf4", "fp4"):
-            if self.group_size not in BNB_BLOCKSIZES:
-                raise ValueError(f"method {self.method!r} does not support group_size={self.group_size!r} "
-                                 f"(bitsandbytes blocksizes: {', '.join(map(str, BNB_BLOCKSIZES))})")
-        elif self.method != "llm.int8":
-            per_channel = self.method in ("int8", "fp8") or (self.bits == 8)
-            allowed = (*GROUP_SIZES, 0) if per_channel else GROUP_SIZES
-            if isinstance(self.group_size, bool) or self.group_size not in allowed:
-                raise ValueError(f"method {self.method!r} does not support group_size={self.group_size!r} "
-                                 f"(supported: {', '.join(map(str, allowed))}"
-                                 f"{'; 0 = per output channel' if per_channel else ''})")
+                             f"(supported: {', '.join(map(str, method.bits))})")
+        if method.group_rule == "unused":
+            return
+        allowed = allowed_group_sizes(method, self.bits)
+        if self.group_size in allowed:
+            return
+        if method.group_rule == "blocksize":
+            raise ValueError(f"method {self.method!r} does not support group_size={self.group_size!r} "
+                             f"(bitsandbytes blocksizes: {', '.join(map(str, BNB_BLOCKSIZES))})")
+        raise ValueError(f"method {self.method!r} does not support group_size={self.group_size!r} "
+                         f"(supported: {', '.join(map(str, allowed))}"
+                         f"{'; 0 = per output channel' if 0 in allowed else ''})")
+
+    def _check_method_options(self, method) -> None:
         if self.share_unquantized and self.inplace:
             raise ValueError("share_unquantized applies to a new model; with inplace=True there is nothing to share")
-        if self.double_quant and self.method not in ("nf4", "fp4"):
+        if self.double_quant and not method.double_quant:
             raise ValueError(f"double_quant applies to nf4 and fp4 only, not method {self.method!r}")
-        if self.hqq_grid not in ("nf4", "int4"):
-            raise ValueError(f"unknown hqq_grid {self.hqq_grid!r}{_did_you_mean(self.hqq_grid, ('nf4', 'int4'))} "
+        if self.hqq_grid not in HQQ_GRIDS:
+            raise ValueError(f"unknown hqq_grid {self.hqq_grid!r}{_hint(self.hqq_grid, HQQ_GRIDS)} "
                              "(grids: nf4, int4)")
-        if self.symmetric and self.method not in ("int4", "hqq", "gptq"):
+        if self.symmetric and not method.symmetric:
             raise ValueError(f"symmetric applies to int4, hqq and gptq only, not method {self.method!r}")
+
+    def _check_backend(self, method) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}{_did_you_mean(self.backend, BACKENDS)} "
+            raise ValueError(f"unknown backend {self.backend!r}{_hint(self.backend, BACKENDS)} "
                              f"(backends: {', '.join(BACKENDS)})")
-        if self.method == "llm.int8" and self.backend not in ("auto", "bitsandbytes"):
-            raise ValueError(f"llm.int8 runs only through bitsandbytes, not backend={self.backend!r} "
+        if method.bitsandbytes_only and self.backend not in ("auto", "bitsandbytes"):
+            raise ValueError(f"{self.method} runs only through bitsandbytes, not backend={self.backend!r} "
                              "(use backend='auto' or 'bitsandbytes')")
-        if self.backend == "bitsandbytes" and self.method not in ("nf4", "fp4", "int8", "llm.int8"):
+        if self.backend == "bitsandbytes" and not method.bitsandbytes:
             raise ValueError(f"the bitsandbytes backend runs nf4, fp4, int8 and llm.int8, not {self.method!r}")
+
+    def _check_numbers(self) -> None:
         for name in ("calibration_samples", "calibration_tokens", "hqq_iters"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -137,9 +157,9 @@ class QuantConfig:
             raise TypeError(f"llm_int8_threshold must be a number, got {self.llm_int8_threshold!r}")
         if not self.llm_int8_threshold >= 0:
             raise ValueError(f"llm_int8_threshold must be >= 0 (0 = no outlier columns), got {self.llm_int8_threshold!r}")
-        if self.save_to is not None:
-            import os
 
+    def _check_save_and_patterns(self) -> None:
+        if self.save_to is not None:
             if not isinstance(self.save_to, (str, os.PathLike)) or not str(self.save_to).strip():
                 raise TypeError(f"save_to must be a folder path, got {self.save_to!r}")
             if self.inplace:
@@ -154,18 +174,14 @@ class QuantConfig:
     @property
     def fmt(self) -> str:
         """Storage format of the quantized layers."""
-        if self.method == "hqq" and self.bits == 4 and self.hqq_grid == "nf4" and not self.symmetric:
-            return "nf4"
-        if self.method in ("hqq", "gptq"):
-            return "int4" if self.bits == 4 else "int8"
-        return {"llm.int8": "int8"}.get(self.method, self.method)
+        return get_method(self.method).format(self)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> QuantConfig:
         known = [f.name for f in fields(cls)]
         for k in kwargs:
             if k not in known:
-                raise TypeError(f"unknown quantize option {k!r}{_did_you_mean(k, known)} (options: {', '.join(known)})")
+                raise TypeError(f"unknown quantize option {k!r}{_hint(k, known)} (options: {', '.join(known)})")
         return cls(**kwargs)
 
     def to_dict(self) -> dict:

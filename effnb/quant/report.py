@@ -8,20 +8,21 @@ SNR in dB with the worst layers named. ``Result.figures`` holds a plotly heatmap
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
-from .api import layer_position
 from .config import QuantConfig
+from .methods import get_method
 
 
 def backend_summary(model) -> dict:
     """Calls served by each backend over the quantized layers (what actually ran)."""
-    from .linear import QuantLinear
+    from ..torch_utils import is_quantized_linear
 
     calls: Counter = Counter()
     bnb_layers = 0
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if is_quantized_linear(m):
             calls.update(m.backend_calls)
         elif type(m).__module__.startswith("bitsandbytes"):
             bnb_layers += 1
@@ -41,26 +42,38 @@ def _backend_text(calls: dict, measured: bool) -> str:
     return ", ".join(parts)
 
 
-def build_result(original, qmodel, cfg: QuantConfig, layer_stats: list[dict], quant_s: float,
-                 name: str | None = None, calibration: str | None = None):
-    """The Result: before/after report (measured unless ``cfg.measure`` is off) plus quantization specifics;
-    ``calibration`` says how gptq calibrated (in the row's extra and the details)."""
-    from .. import measure
-    from ..models import model_name
-    from ..report import Result
-    from . import cpu_ext
+def quant_change(qmodel, cfg: QuantConfig, layer_stats: list[dict], quant_s: float, base: str,
+                 calibration: str | None = None):
+    """The ``technique.Change`` of a quantization: ``qmodel`` named after ``base`` and the method; its
+    row extras and details (method and config, backend that ran, bytes, per-layer SNR) filled once
+    the report is measured. ``calibration`` says how gptq calibrated (in the extra and the details)."""
+    from ..technique import Change
 
-    base = name or model_name(original)
-    qname = f"{base} {cfg.method}" + (f"-g{cfg.group_size}" if cfg.method != "llm.int8" else "")
+    qname = f"{base} {get_method(cfg.method).label(cfg)}"
     try:
         qmodel._effnb_name = qname
     except AttributeError:  # pragma: no cover - exotic modules
         pass
-    opts = {} if cfg.measure else {"speed": False, "quality": False, "flops": False, "energy": False}
-    for m in qmodel.modules():
+    for m in qmodel.modules():  # count the calls of the measurement only
         if hasattr(m, "reset_backend_calls"):
             m.reset_backend_calls()
-    report = measure.compare(original, qmodel, names=[base, qname], title=f"quantize: {qname}", **opts)
+
+    def finish(change, report, baseline) -> None:
+        extra = quant_extra(qmodel, cfg, layer_stats, quant_s, calibration)
+        change.rows = ({}, {"extra": extra})
+        change.details = {"config": extra["config"], "layers": layer_stats, "worst_layers": extra["worst_layers"],
+                          "quantize_wall_s": quant_s, "backend": extra["backend"]}
+        if calibration is not None:
+            change.details["calibration"] = calibration
+
+    return Change(qmodel, qname, f"quantize: {qname}", finish=finish,
+                  figures=[lambda: snr_heatmap(layer_stats, qname)])
+
+
+def quant_extra(qmodel, cfg: QuantConfig, layer_stats: list[dict], quant_s: float, calibration: str | None) -> dict:
+    """The quantized row's ``extra``: method and config, backend calls so far, bytes and per-layer SNR."""
+    from ..kernels.cpu import status
+
     calls = backend_summary(qmodel)
     before = sum(s["bytes_before"] for s in layer_stats)
     bf16 = sum(s["bytes_bf16"] for s in layer_stats)
@@ -71,11 +84,11 @@ def build_result(original, qmodel, cfg: QuantConfig, layer_stats: list[dict], qu
         "method": cfg.method,
         "bits": cfg.bits,
         "group_size": cfg.group_size,
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("inplace",)},
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("inplace", "name")},
         "quantize_wall_s": quant_s,
         "backend": _backend_text(calls, cfg.measure),
         "backend_calls": calls,
-        "cpu_kernels": cpu_ext.status(),
+        "cpu_kernels": status(),
         "layers_quantized": len(layer_stats),
         "quantized_layers_bytes_before": before,
         "quantized_layers_bytes_after": after,
@@ -88,12 +101,25 @@ def build_result(original, qmodel, cfg: QuantConfig, layer_stats: list[dict], qu
     }
     if calibration is not None:
         extra["calibration"] = calibration
-    report.rows[1].setdefault("extra", {}).update(extra)
-    details = {"config": extra["config"], "layers": layer_stats, "worst_layers": extra["worst_layers"],
-               "quantize_wall_s": quant_s, "backend": extra["backend"]}
-    if calibration is not None:
-        details["calibration"] = calibration
-    return Result(qmodel, report, details=details, figures=[lambda: snr_heatmap(layer_stats, qname)])
+    return extra
+
+
+def build_result(original, qmodel, cfg: QuantConfig, layer_stats: list[dict], quant_s: float,
+                 name: str | None = None, calibration: str | None = None):
+    """The Result of a quantization that did not go through ``run_technique`` (a streamed checkpoint):
+    ``original`` measured against ``qmodel`` unless ``cfg.measure`` is off."""
+    from .. import technique
+    from ..models import model_name
+
+    base = name or model_name(original)
+    change = quant_change(qmodel, cfg, layer_stats, quant_s, base, calibration)
+    return technique.build_result(change, technique.measure_change(original, change, cfg.measure, base))
+
+
+def layer_position(lname: str) -> tuple[str, str]:
+    """('block index', 'layer kind') for the heatmap, e.g. 'model.layers.3.mlp.up_proj' -> ('3', 'mlp.up_proj')."""
+    m = re.search(r"\.(\d+)\.(.+)$", lname)
+    return (m.group(1), m.group(2)) if m else ("-", lname)
 
 
 def snr_heatmap(layer_stats: list[dict], title: str = ""):

@@ -1,9 +1,9 @@
-"""``effnb.save`` / ``effnb.load`` (safetensors only, never pickle) and a bitsandbytes export.
+"""``effnb.save`` / ``effnb.load``: effnb's own checkpoints (safetensors only, never pickle).
 
     effnb.save(qmodel, "smol-nf4")          # directory: model.safetensors + effnb.json (+ config, tokenizer)
     model = effnb.load("smol-nf4")          # identical logits
-    effnb.quant.serialize.export_bitsandbytes(qmodel, "smol-bnb")
-    AutoModelForCausalLM.from_pretrained("smol-bnb")   # transformers reads it as a bnb 4-bit checkpoint
+
+(Checkpoints other programs read are ``effnb.export``'s: ``effnb.exporters``.)
 
 Checkpoints are data, never code, validated before any kernel reads them, and saved atomically
 (docs/reliability.md): effnb.json's schema and format version, a SHA-256 of every tensor (since
@@ -42,13 +42,13 @@ log = logging.getLogger(__name__)
 
 _WRITTEN = {"model.safetensors", "effnb.json", "config.json", "tokenizer"}  # what save puts in a checkpoint
 _TMP, _OLD = ".effnb-tmp-", ".effnb-old-"  # .<name>.effnb-tmp-<pid>-<hex>: beside the target, never in it
-_LOAD_BACKENDS = ("auto", "reference", "cpu", "cuda")  # what a QuantLinear can run on (backends.py)
+_LOAD_BACKENDS = ("auto", "reference", "cpu", "cuda")  # what a QuantLinear can run on (kernels/linear.py)
 _save_hook = None  # tests only: called with each stage's name during a save (the kill tests)
 
 
 def quant_layers(model) -> dict:
     """effnb's quantized layers (``QuantLinear``) by module name."""
-    from .linear import QuantLinear
+    from ..kernels.linear import QuantLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
@@ -125,7 +125,7 @@ def _state(model) -> tuple[dict, dict]:
 def _write(tmp: Path, model, state: dict, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from ..models import _TOKENIZER_ATTR, _find_attr
+    from ..models import TOKENIZER_ATTR, find_attr
 
     save_file(state, str(tmp / "model.safetensors"))
     _stage("tensors-written")
@@ -135,7 +135,7 @@ def _write(tmp: Path, model, state: dict, meta: dict) -> None:
     if config is not None and hasattr(config, "to_json_string"):
         (tmp / "config.json").write_text(config.to_json_string())
     _stage("config-written")
-    tok = _find_attr(model, _TOKENIZER_ATTR)
+    tok = find_attr(model, TOKENIZER_ATTR)  # the attached one only: saving never goes looking on disk
     if tok is not None and hasattr(tok, "save_pretrained"):
         tok.save_pretrained(str(tmp / "tokenizer"))
     _stage("tokenizer-written")
@@ -221,7 +221,7 @@ def _recover(path: Path) -> None:
 
 def load(path, model=None, backend: str = "auto"):
     """Rebuild a model saved by ``save``; ``model``: an unquantized skeleton for non-transformers models."""
-    from .linear import QuantLinear
+    from ..kernels.linear import QuantLinear
 
     if backend not in _LOAD_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choices: {', '.join(_LOAD_BACKENDS)}")
@@ -254,71 +254,10 @@ def load(path, model=None, backend: str = "auto"):
         raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights") and meta["tied"]:
         model.tie_weights()
-    if tok is not None:
-        from ..models import attach_tokenizer
+    from ..models import NAME_ATTR, attach_tokenizer
 
+    if tok is not None:
         attach_tokenizer(model, tok)
-    model._effnb_name = path.name
+    setattr(model, NAME_ATTR, path.name)
     return model.eval()
 
-
-def export_bitsandbytes(model, path) -> Path:
-    """Write a transformers checkpoint with bitsandbytes 4-bit (nf4/fp4) or 8-bit (per-channel int8) layers.
-
-    The nf4/fp4 bytes are effnb's own, unchanged; transformers loads the result with
-    ``from_pretrained(path)`` (bitsandbytes installed).
-    """
-    import copy
-
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    from .bnb import (
-        from_bnb_module,  # noqa: F401 - same module family; import checks bitsandbytes
-        quant_state,
-    )
-
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("model has no effnb quantized layers to export; quantize it with nf4, fp4 or int8 first")
-    fmts = {m.fmt for m in layers.values()}
-    if len(fmts) != 1 or fmts.pop() not in ("nf4", "fp4", "int8"):
-        raise ValueError(f"bitsandbytes stores nf4, fp4 or per-channel int8; this model has {sorted({m.fmt for m in layers.values()})}")
-    import bitsandbytes as bnb
-
-    out = copy.deepcopy(model)
-    first = next(iter(layers.values()))
-    for lname, m in quant_layers(out).items():
-        dtype = torch.float32
-        if m.fmt == "int8":
-            if m.group_size != m.in_features:
-                raise ValueError(f"layer {lname!r} uses int8 groups of {m.group_size}; bitsandbytes int8 is per channel "
-                                 "(quantize with group_size=0 to export)")
-            new = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias=m.bias is not None, has_fp16_weights=False,
-                                      threshold=0.0, device="meta")
-            scb = (m.scales.float().reshape(-1) * 127.0)
-            new.weight = bnb.nn.Int8Params(m.qweight.clone(), requires_grad=False, has_fp16_weights=False,
-                                           CB=m.qweight.clone(), SCB=scb)
-        else:
-            tensors = {n: getattr(m, n) for n in ("qweight", "absmax", "qabsmax", "absmax2", "code2", "offset")}
-            new = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=dtype,
-                                    compress_statistics=m.double_quant, quant_type=m.fmt, device="meta")
-            qs = quant_state(tensors, m.fmt, m.group_size, (m.out_features, m.in_features), dtype)
-            new.weight = bnb.nn.Params4bit(m.qweight.reshape(-1, 1), requires_grad=False, quant_state=qs,
-                                           blocksize=m.group_size, compress_statistics=m.double_quant,
-                                           quant_type=m.fmt, bnb_quantized=True, module=new)
-        if m.bias is not None:
-            new.bias = torch.nn.Parameter(m.bias.detach().clone(), requires_grad=False)
-        parent, _, child = lname.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, child, new)
-    skip = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                   if isinstance(mod, torch.nn.Linear) and n not in layers})
-    if first.fmt == "int8":
-        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip or None)
-    else:
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=first.fmt,
-                                bnb_4bit_use_double_quant=first.double_quant, bnb_4bit_compute_dtype=torch.float32,
-                                llm_int8_skip_modules=skip or None)
-    out.config.quantization_config = qc
-    out.save_pretrained(str(path), safe_serialization=True)
-    return Path(path)

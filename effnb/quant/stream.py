@@ -35,7 +35,9 @@ def checkpoint_folder(source) -> Path | None:
     if path.is_dir():  # other folders (.bin weights, GGUF) load in memory
         ok = (path / "config.json").exists() and ((path / SINGLE).exists() or (path / INDEX).exists())
         return path if ok else None
-    if path.exists() or not _looks_like_hub_id(str(source)):
+    from ..models import looks_like_hub_id
+
+    if path.exists() or not looks_like_hub_id(str(source)):
         return None
     try:
         from huggingface_hub import snapshot_download
@@ -45,12 +47,6 @@ def checkpoint_folder(source) -> Path | None:
     except (OSError, ValueError) as exc:  # not in the cache: the in-memory path says why, in one line
         log.info("%s: not in the local cache (%s)", source, type(exc).__name__)
         return None
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    from ..models import _looks_like_hub_id as looks
-
-    return looks(name)
 
 
 class Shards:
@@ -107,9 +103,9 @@ def build_skeleton(folder: Path, shards: Shards):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from ..models import _quiet_transformers, refuse_remote_code
+    from ..models import quiet_transformers, refuse_remote_code
 
-    _quiet_transformers()
+    quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -154,6 +150,12 @@ def _slots(model) -> dict:
 def _owner(model, name: str):
     parent, _, attr = name.rpartition(".")
     return (model.get_submodule(parent) if parent else model), attr
+
+
+def _drop_parameters(mod) -> None:
+    """Free a quantized layer's float weights now (a tied one stays with its other owner)."""
+    for attr in list(mod._parameters):
+        mod._parameters[attr] = None
 
 
 def _key_to_slot_name(key: str, slots: dict, prefix: str) -> str | None:
@@ -208,14 +210,13 @@ class _Loader:
         new, st = self.quantize_one(lname, mod, None)
         self.stats.append(st)
         if len(self.stats) % 8 == 0:
-            from ..measure.memory import trim_heap
+            from ..torch_utils import trim_heap
 
             trim_heap()  # the freed fp16/fp32 copies: keep the resident set near what is live
         parent, child = _owner(self.model, lname)
         setattr(parent, child, new)
         del self.targets[lname]
-        for attr in list(mod._parameters):  # the fp weights go now (a tied one stays with its other owner)
-            mod._parameters[attr] = None
+        _drop_parameters(mod)
 
     def check_complete(self, folder: Path) -> None:
         missing = [n for n, p in self.model.named_parameters() if p.is_meta]
@@ -230,8 +231,9 @@ class _Loader:
 
 def quantize_checkpoint(folder: Path, cfg, name: str | None = None):
     """Stream ``folder`` into a quantized model, write it to ``cfg.save_to``; returns the Result."""
-    from ..measure.memory import trim_heap
-    from .api import _quantize_layer, select_layers
+    from ..torch_utils import trim_heap
+    from .api import quantize_layer, select_layers
+    from .methods import get_method
     from .report import build_result
     from .serialize import save
 
@@ -244,9 +246,9 @@ def quantize_checkpoint(folder: Path, cfg, name: str | None = None):
         cache: dict = {}
 
         def quantize_one(lname, module, hessian):
-            return _quantize_layer(lname, module, cfg, hessian, cache)
+            return quantize_layer(lname, module, cfg, hessian, cache)
 
-        if cfg.method == "gptq":
+        if get_method(cfg.method).calibrated:
             loader = _Loader(model, shards, targets, None)
             stats, note = _stream_gptq(model, loader, targets, cfg, quantize_one, folder)
         else:
@@ -268,7 +270,9 @@ def quantize_checkpoint(folder: Path, cfg, name: str | None = None):
 
 
 def _check_streamable(folder: Path, cfg) -> None:
-    if cfg.method == "llm.int8" or cfg.backend == "bitsandbytes":
+    from .methods import get_method
+
+    if get_method(cfg.method).bitsandbytes_only or cfg.backend == "bitsandbytes":
         raise ValueError(f"method={cfg.method!r} backend={cfg.backend!r} cannot stream a checkpoint (bitsandbytes "
                          "layers are built from a loaded model); use method int8, int4, nf4, fp4, hqq or gptq with "
                          "backend 'auto', or load the model first and pass it")
@@ -315,8 +319,7 @@ def _stream_gptq(model, loader: _Loader, targets: dict, cfg, quantize_one, folde
 
     def quantize_and_free(lname, module, hessian):
         out = quantize_one(lname, module, hessian)
-        for attr in list(module._parameters):  # the stored fp weights go now (the loader's table still names the module)
-            module._parameters[attr] = None
+        _drop_parameters(module)  # the loader's table still names the module: its weights must go explicitly
         return out
 
     _, stats = calibrate.gptq_by_block(model, path, targets, inputs, quantize_and_free, load_block)
@@ -352,7 +355,9 @@ def _standin(folder: Path):
                 t = torch.zeros(1, dtype=p.dtype).expand(p.shape)
                 done[id(p)] = torch.nn.Parameter(t, requires_grad=False)
             mod._parameters[attr] = done[id(p)]
-    object.__setattr__(model, "_effnb_name", folder.name)
+    from ..models import NAME_ATTR
+
+    object.__setattr__(model, NAME_ATTR, folder.name)
     return model
 
 

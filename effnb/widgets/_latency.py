@@ -21,10 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
-    import effnb
-    from effnb.widgets import QuantExplorer
+    from ..models import load_model
+    from .quant import QuantExplorer
 
-    model = effnb.load_model(args.model)
+    model = load_model(args.model)
     qx = QuantExplorer(model, method="int", bits=4, group_size=64)
     qx.widget  # noqa: B018 - time the live view's redraw too
     shapes = {}

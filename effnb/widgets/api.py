@@ -15,26 +15,24 @@ def _namespace() -> dict:
     return shell.user_ns if shell is not None else {}
 
 
-def _model(token):
+def _resolve(token, load):
+    """An object as it is; a name: the notebook variable, else what ``load(name)`` makes of it."""
     if not isinstance(token, str):
         return token
     ns = _namespace()
-    if token in ns:
-        return ns[token]
-    from ..models import EMBEDDED_MODELS, load_model
-
-    if token in EMBEDDED_MODELS or "/" in token or token.endswith(".gguf"):
-        return load_model(token)
-    raise ValueError(f"name {token!r} is not defined in the notebook, and it is not an embedded model "
-                     f"({', '.join(EMBEDDED_MODELS)})")
+    return ns[token] if token in ns else load(token)
 
 
-def _report(token):
-    if not isinstance(token, str):
-        return token
-    ns = _namespace()
-    if token in ns:
-        return ns[token]
+def _load_model(token: str):
+    from ..commands import load_named_model, undefined_name
+
+    model = load_named_model(token)
+    if model is None:
+        raise ValueError(undefined_name(token))
+    return model
+
+
+def _load_report(token: str):
     if token.endswith(".json") and os.path.exists(token):
         from ..report import Report
 
@@ -54,10 +52,10 @@ def explore(kind: str, objects, *, text: str | None = None, layer: str | None = 
     if kind == "compare":
         from .compare import CompareDashboard
 
-        return CompareDashboard([_report(o) for o in objects])
+        return CompareDashboard([_resolve(o, _load_report) for o in objects])
     if len(objects) != 1:
         raise ValueError(f"explore {kind} takes one model, got {len(objects)}: {' '.join(map(str, objects))}")
-    model = _model(objects[0])
+    model = _resolve(objects[0], _load_model)
     from ..commands import check_loaded
 
     check_loaded(model, objects[0] if isinstance(objects[0], str) else type(model).__name__)

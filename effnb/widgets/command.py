@@ -1,10 +1,9 @@
-"""``%efficient explore KIND OBJECT...``: open a widget from the magic (registry entry only; no torch import)."""
+"""``%efficient explore KIND OBJECT...``: open a widget from the magic (as data the front end registers;
+no torch import)."""
 
 from __future__ import annotations
 
 import argparse
-
-from ..commands import register_command
 
 KINDS = ("quant", "lora", "router", "compare")
 
@@ -19,8 +18,8 @@ def _explore_args(parser) -> None:
     parser.add_argument("--rank", type=int, default=argparse.SUPPRESS, help="lora: the rank shown first")
 
 
-register_command(
-    "explore",
+COMMANDS = [dict(
+    name="explore",
     summary="open an interactive widget: quant (layer, bits, group size), lora (rank, targets), "
             "router (MoE routing), compare (reports on a memory/quality chart)",
     api="effnb.widgets.api:explore",
@@ -29,4 +28,4 @@ register_command(
     examples=["%efficient explore quant model", "%efficient explore lora model --rank 16",
               "%efficient explore router moe_model --text 'def f(x): return x'",
               "%efficient explore compare report_a res_b"],
-)
+)]

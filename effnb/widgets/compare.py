@@ -14,10 +14,9 @@ than the first one's are plotted on the table only.
 from __future__ import annotations
 
 import html
-import json
 from typing import Any
 
-from ._base import EffnbWidget, PlotOutput, html_table
+from ._base import EffnbWidget, PlotOutput, error_html, html_table
 
 #: x axis choices: label -> row key
 MEMORY_KEYS = {"weight memory (MB)": "weight_bytes", "peak memory (MB)": "peak_memory_bytes"}
@@ -246,7 +245,7 @@ class CompareDashboard(EffnbWidget):
             (self.to_json if kind == "json" else self.to_html)(path)
             self._status.value = f"written to <code>{html.escape(path)}</code>"
         except OSError as exc:
-            self._status.value = f"<span style='color:#c00'>cannot write {html.escape(path)}: {html.escape(str(exc))}</span>"
+            self._status.value = error_html(f"cannot write {path}: {exc}")
 
     # ------------------------------------------------------------------ export
 
@@ -257,11 +256,9 @@ class CompareDashboard(EffnbWidget):
 
     def to_json(self, path: str | None = None, indent: int = 2) -> str:
         """All reports, the axis and the Pareto front as JSON (written to ``path`` when given)."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return text
+        from ..report import to_json
+
+        return to_json(self.to_dict(), path, indent)
 
     def to_html(self, path: str | None = None, include_plotlyjs: str | bool = "cdn") -> str:
         """A standalone HTML page: the figure and the table (plotly.js from its CDN unless told otherwise)."""

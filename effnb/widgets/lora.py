@@ -21,7 +21,6 @@ from ._base import EffnbWidget, PlotOutput, html_table, mb
 
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 TARGETS = ("attn", "attn-all", "mlp", "all")
-NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + fp32 absmax per block of 64
 PLUS_RATIO = 16.0  # LoRA+ paper's learning-rate ratio of B to A
 
 
@@ -31,21 +30,12 @@ class LoraExplorer(EffnbWidget):
     title = "effnb LoRA explorer"
 
     def __init__(self, model, rank: int = 8, targets: str = "attn", dora: bool = False, lora_plus: bool = False):
-        import torch
-
         from ..models import check_model
+        from ..torch_utils import linear_layers
 
         check_model(model)
         self.model = model
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self._linears = {n: m for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear) and m is not head}
-        try:
-            from transformers.pytorch_utils import Conv1D
-
-            self._linears.update({n: m for n, m in model.named_modules() if isinstance(m, Conv1D)})
-        except ImportError:  # pragma: no cover
-            pass
+        self._linears = dict(linear_layers(model, include_quantized=False, skip_head=True))
         if not self._linears:
             raise ValueError(f"LoraExplorer: {type(model).__name__} has no nn.Linear layers an adapter can sit on")
         self.parameters = sum(p.numel() for p in model.parameters())
@@ -105,18 +95,9 @@ class LoraExplorer(EffnbWidget):
         trainable = lora_params + dora_params
         fp32 = 4
         base = self.parameters
-        other = base - self.linear_parameters
-        budgets = [
-            {"variant": "full fine-tuning", "weights_bytes": base * fp32, "gradients_bytes": base * fp32,
-             "optimizer_bytes": 2 * base * fp32},
-            {"variant": "LoRA (fp32 base)", "weights_bytes": (base + trainable) * fp32,
-             "gradients_bytes": trainable * fp32, "optimizer_bytes": 2 * trainable * fp32},
-            {"variant": "QLoRA (NF4 base)",
-             "weights_bytes": int(other * fp32 + self.linear_parameters * NF4_BYTES_PER_WEIGHT + trainable * fp32),
-             "gradients_bytes": trainable * fp32, "optimizer_bytes": 2 * trainable * fp32},
-        ]
-        for b in budgets:
-            b["total_bytes"] = b["weights_bytes"] + b["gradients_bytes"] + b["optimizer_bytes"]
+        from ..adapters.report import memory_budgets  # the same computed budgets as effnb.lora's report
+
+        budgets = memory_budgets(base_params=base, trainable=trainable, linear_params=self.linear_parameters)
         self.stats = {
             "error": None, "rank": r, "targets": self.targets, "dora": self.dora, "lora_plus": self.lora_plus,
             "how": how, "layers": len(shapes), "trainable_parameters": trainable, "parameters": base,
@@ -195,35 +176,19 @@ class LoraExplorer(EffnbWidget):
         self._w_apply = W.Button(description="attach adapters", icon="play", button_style="primary")
         self._w_status = W.HTML()
         self._w_out = W.Output()
-        self._syncing = False
-
-        def changed(key):
-            def handler(change):
-                if not self._syncing:
-                    self.set(**{key: change["new"]})
-            return handler
-
-        self._w_rank.observe(changed("rank"), names="value")
-        self._w_targets.observe(changed("targets"), names="value")
-        self._w_dora.observe(changed("dora"), names="value")
-        self._w_plus.observe(changed("lora_plus"), names="value")
+        self._bind({"rank": self._w_rank, "targets": self._w_targets, "dora": self._w_dora,
+                    "lora_plus": self._w_plus}, lambda key, value: self.set(**{key: value}))
         self._w_apply.on_click(lambda _b: self._apply_clicked())
         box = W.VBox([W.HBox([self._w_rank, self._w_dora, self._w_plus]), self._w_targets,
                       W.HBox([self._plot.widget, self._w_summary]), W.HBox([self._w_apply, self._w_status]), self._w_out])
         box.add_class("effnb-lora")
         return box
 
-    def _sync_controls(self) -> None:
-        if self._box is None:
-            return
-        self._syncing = True
-        try:
-            if self.rank in RANKS:
-                self._w_rank.value = self.rank
-            self._w_targets.value = self.targets
-            self._w_dora.value, self._w_plus.value = self.dora, self.lora_plus
-        finally:
-            self._syncing = False
+    def _set_controls(self) -> None:
+        if self.rank in RANKS:
+            self._w_rank.value = self.rank
+        self._w_targets.value = self.targets
+        self._w_dora.value, self._w_plus.value = self.dora, self.lora_plus
 
     def _redraw(self) -> None:
         if self._box is None:
@@ -237,31 +202,16 @@ class LoraExplorer(EffnbWidget):
 
     def apply(self, **options):
         """``effnb.lora(model, **self.lora_options(), **options)``: a PEFT copy of the model and its Report."""
-        from ..adapters import lora  # not effnb.lora: once the subpackage is imported, that name is the package
+        from ..adapters import (
+            lora,  # not effnb.lora: once the subpackage is imported, that name is the package
+        )
 
         self.result = lora(self.model, **(self.lora_options() | options))
         return self.result
 
     def _apply_clicked(self) -> None:
-        from IPython.display import display
-
-        self._w_apply.disabled = True
-        self._w_status.value = "attaching adapters… (interrupt the kernel to stop; the model is not changed)"
-        t0 = time.perf_counter()
-        try:
-            res = self.apply()
-        except KeyboardInterrupt:
-            self._w_status.value = "interrupted; the model is unchanged"
-            return
-        except (ValueError, TypeError) as exc:
-            self._w_status.value = f"<span style='color:#c00'>{html.escape(str(exc))}</span>"
-            return
-        finally:
-            self._w_apply.disabled = False
-        self._w_status.value = f"done in {time.perf_counter() - t0:.1f} s: <code>explorer.result.model</code>"
-        self._w_out.clear_output()
-        with self._w_out:
-            display(res.report)
+        self._run_apply(self.apply, "attaching adapters… (interrupt the kernel to stop; the model is not changed)",
+                        "done in {seconds:.1f} s: <code>explorer.result.model</code>", enabled_after=lambda: True)
 
     def table(self) -> str:
         """Trainable parameters at every rank for the current targets (HTML)."""

@@ -6,7 +6,7 @@
     res = qx.apply()                       # effnb.quantize(model, method=..., group_size=...) -> Result
 
 The preview quantizes the chosen layer with the same storage formats ``effnb.quantize`` writes
-(``effnb.quant.formats``: int4 asymmetric with fp16 scale and zero, int8 and fp8 with a scale per
+(``effnb.kernels.formats``: int4 asymmetric with fp16 scale and zero, int8 and fp8 with a scale per
 group, bitsandbytes' NF4/FP4 blocks), so its SNR is the one the applied layer gets. ``int`` at
 2-8 bits is round to nearest with a min/max grid per group: a preview of what fewer or more bits
 would cost (effnb.quantize stores 4 and 8 bits). Memory counts the codes plus the scales (and
@@ -19,91 +19,18 @@ import html
 import math
 import time
 
-from ._base import EffnbWidget, PlotOutput, html_table, mb
-
-#: method -> bits (None: any of BITS_RANGE)
-METHODS = {"int": None, "int4": 4, "int8": 8, "nf4": 4, "fp4": 4, "fp8": 8}
-BITS_RANGE = (2, 8)
-GROUP_CHOICES = (32, 64, 128, 256, 0)  # 0 = one scale per output channel
-HIST_BINS = 80
-
-
-def _group_label(g: int) -> str:
-    return "per channel" if g == 0 else str(g)
-
-
-def linear_layers(model) -> dict:
-    """{name: module} of the Linear-like layers (nn.Linear, transformers' Conv1D), output head excluded."""
-    import torch
-
-    types = [torch.nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n: m for n, m in model.named_modules() if isinstance(m, tuple(types)) and m is not head}
-
-
-def _weight_nk(m):
-    """fp32 [out, in] copy of the layer's weight (transformers' Conv1D stores [in, out])."""
-    import torch
-
-    w = m.weight.detach()
-    if not isinstance(m, torch.nn.Linear):
-        w = w.t()
-    return w.float().clone()
-
-
-def quantize_preview(w, method: str, bits: int, group_size: int):
-    """(dequantized weight [N, K], grid of the widest group, bytes as stored) for one weight [N, K]."""
-    import torch
-
-    from ..quant import formats as F
-
-    n, k = w.shape
-    if method in ("nf4", "fp4"):
-        block = group_size or k
-        packed, absmax = F.quantize_4bit(w, block, method)
-        approx = F.dequantize_4bit(packed, absmax, block, method, (n, k))
-        grid = F.table_4bit(method) * absmax.max()
-        return approx, grid, packed.numel() + absmax.numel() * 4
-    g = group_size or k
-    if k % g:
-        raise ValueError(f"group size {g} does not divide this layer's {k} input features; "
-                         f"pick one of {', '.join(str(x) for x in (32, 64, 128, 256) if k % x == 0) or 'per channel'}")
-    groups = n * (k // g)
-    if method == "int4" or (method == "int" and bits == 4):
-        t = F.quantize_int4(w, g)
-        approx = F.dequantize_int4(t["qweight"], t["scales"], t["zeros"], g)
-        i = int(t["scales"].float().reshape(-1).argmax())
-        s, z = t["scales"].float().reshape(-1)[i], t["zeros"].float().reshape(-1)[i]
-        grid = (torch.arange(16, dtype=torch.float32) - z) * s
-        return approx, grid, t["qweight"].numel() + groups * 4
-    if method == "int8":
-        t = F.quantize_int8(w, g)
-        approx = F.dequantize_int8(t["qweight"], t["scales"], g)
-        grid = torch.arange(-127, 128, dtype=torch.float32) * t["scales"].float().max()
-        return approx, grid, t["qweight"].numel() + groups * 2
-    if method == "fp8":
-        t = F.quantize_fp8(w, g)
-        approx = F.dequantize_fp8(t["qweight"], t["scales"], g)
-        codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-        grid = codes[torch.isfinite(codes)].unique() * t["scales"].max()
-        return approx, grid, t["qweight"].numel() + groups * 4
-    # "int" at any bits: asymmetric min/max grid per group, scale and zero in fp16 (as int4 stores them)
-    levels = 2 ** bits - 1
-    wg = w.reshape(n, k // g, g)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    s = ((hi - lo) / levels).clamp(min=1e-12).half().float()
-    z = (-lo / s).half().float()
-    q = torch.round(wg / s + z).clamp_(0, levels)
-    approx = ((q - z) * s).reshape(n, k)
-    i = int(s.reshape(-1).argmax())
-    grid = (torch.arange(levels + 1, dtype=torch.float32) - z.reshape(-1)[i]) * s.reshape(-1)[i]
-    return approx, grid, math.ceil(n * k * bits / 8) + groups * 4
+from ..options import did_you_mean
+from ._base import EffnbWidget, PlotOutput, error_html, html_table, mb
+from .preview import (
+    BITS_RANGE,
+    GROUP_CHOICES,
+    HIST_BINS,
+    METHODS,
+    group_label,
+    quantize_preview,
+    stored_format,
+    weight_nk,
+)
 
 
 class QuantExplorer(EffnbWidget):
@@ -117,7 +44,9 @@ class QuantExplorer(EffnbWidget):
 
         check_model(model)
         self.model = model
-        self.layers = linear_layers(model)
+        from ..torch_utils import linear_layers
+
+        self.layers = dict(linear_layers(model, include_quantized=False, skip_head=True))
         if not self.layers:
             raise ValueError(f"QuantExplorer: {type(model).__name__} has no nn.Linear or Conv1D layers to quantize")
         self.layer = None
@@ -135,11 +64,8 @@ class QuantExplorer(EffnbWidget):
             group_size: int | None = None) -> dict:
         """Change any of the settings, recompute, redraw; returns ``stats``."""
         if layer is not None and layer not in self.layers:
-            import difflib
-
-            close = difflib.get_close_matches(str(layer), list(self.layers), n=1)
-            raise ValueError(f"no Linear layer named {layer!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-                             + f" ({len(self.layers)} layers, e.g. {', '.join(list(self.layers)[:3])})")
+            raise ValueError(f"no Linear layer named {layer!r}{did_you_mean(layer, self.layers)}"
+                             f" ({len(self.layers)} layers, e.g. {', '.join(list(self.layers)[:3])})")
         if method is not None and method not in METHODS:
             raise ValueError(f"unknown method {method!r} (methods: {', '.join(METHODS)})")
         if group_size is not None and group_size not in GROUP_CHOICES:
@@ -153,7 +79,7 @@ class QuantExplorer(EffnbWidget):
                              "(use method 'int' for other bit widths)")
         self.layer = layer or self.layer
         self.method = new_method
-        self.bits = METHODS[new_method] or bits or (self.bits if self.method == "int" else 4)
+        self.bits = METHODS[new_method] or bits or (self.bits if METHODS[self.method] is None else 4)
         if group_size is not None:
             self.group_size = group_size
         self._recompute()
@@ -161,23 +87,26 @@ class QuantExplorer(EffnbWidget):
         return self.stats
 
     def quantize_config(self) -> dict | None:
-        """The ``effnb.quantize`` options matching the preview, or None when it is a preview only."""
-        g = self.group_size
-        if self.method in ("nf4", "fp4"):
-            return {"method": self.method, "group_size": g or 64} if g else None
-        if self.method == "int" and self.bits != 4:
+        """The ``effnb.quantize`` options matching the preview, or None when it is a preview only: the
+        previewed format's method where ``QuantConfig`` accepts this group size."""
+        from ..quant.config import QuantConfig
+
+        fmt = stored_format(self.method, self.bits)
+        if fmt is None:
             return None
-        method = "int4" if self.method == "int" else self.method
-        if g == 0 and method == "int4":
+        options = {"method": fmt.name, "group_size": self.group_size}
+        try:
+            QuantConfig(**options)
+        except ValueError:
             return None
-        return {"method": method, "group_size": g}
+        return options
 
     def _layer_data(self) -> dict:
         """The chosen layer's fp32 weight, its histogram and energy, computed once per layer."""
         import torch
 
         if getattr(self, "_cache", {}).get("layer") != self.layer:
-            w = _weight_nk(self.layers[self.layer])
+            w = weight_nk(self.layers[self.layer])
             lo, hi = float(w.min()), float(w.max())
             self._cache = {"layer": self.layer, "w": w, "lo": lo, "hi": hi,
                            "counts": torch.histc(w, bins=HIST_BINS, min=lo, max=hi).tolist(),
@@ -216,7 +145,7 @@ class QuantExplorer(EffnbWidget):
         err = (w - approx).reshape(-1)
         noise = float(torch.sum(err * err, dtype=torch.float64))
         elo, ehi = (float(v) for v in torch.aminmax(err))
-        # SNR as effnb.measure.snr_db defines it: 10 log10(|w|^2 / |w - q(w)|^2)
+        # SNR as effnb.torch_utils.snr_db defines it, 10 log10(|w|^2 / |w - q(w)|^2), from the cached |w|^2
         snr = math.inf if noise == 0 else 10 * math.log10(data["energy"] / noise)
         stats.update(snr_db=snr, max_abs_error=max(-elo, ehi), layer_bytes_after=after,
                      bits_per_weight=after * 8 / w.numel())
@@ -253,7 +182,7 @@ class QuantExplorer(EffnbWidget):
     def _summary_html(self) -> str:
         s = self.stats
         head = (f"<b>{html.escape(self.layer)}</b> {s['shape'][0]}x{s['shape'][1]} · {html.escape(self.method)} "
-                f"{self.bits}-bit · group {_group_label(self.group_size)}")
+                f"{self.bits}-bit · group {group_label(self.group_size)}")
         rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
                        f"<td class='effnb-q-{k.split()[0].strip('|').lower()}'>{html.escape(v)}</td></tr>"
                        for k, v in self._summary_rows())
@@ -293,7 +222,7 @@ class QuantExplorer(EffnbWidget):
             fig.data[0].x, fig.data[0].y, fig.data[0].width = p["x"], p["y"], p["width"]
             fig.data[1].x, fig.data[1].y = p["grid_x"], p["grid_y"]
             fig.data[2].x, fig.data[2].y = p["err_x"], p["err_y"]
-            title = (f"{self.layer}: {self.method} {self.bits}-bit, group {_group_label(self.group_size)} · "
+            title = (f"{self.layer}: {self.method} {self.bits}-bit, group {group_label(self.group_size)} · "
                      + (f"SNR {s['snr_db']:.1f} dB" if s.get("snr_db") is not None else s.get("error", "")))
             fig.layout.title.text = title
 
@@ -323,7 +252,7 @@ class QuantExplorer(EffnbWidget):
                                          style={"button_width": "56px"})
         self._w_bits = W.IntSlider(value=self.bits, min=BITS_RANGE[0], max=BITS_RANGE[1], description="bits",
                                    continuous_update=False, disabled=METHODS[self.method] is not None)
-        self._w_group = W.SelectionSlider(options=[(_group_label(g), g) for g in GROUP_CHOICES],
+        self._w_group = W.SelectionSlider(options=[(group_label(g), g) for g in GROUP_CHOICES],
                                           value=self.group_size, description="group size", continuous_update=False)
         self._w_summary = W.HTML(self._summary_html())
         self._w_apply = W.Button(description="apply to the model", icon="play", button_style="primary",
@@ -332,25 +261,15 @@ class QuantExplorer(EffnbWidget):
         self._w_measure = W.Checkbox(value=True, description="measure speed and quality", indent=False)
         self._w_status = W.HTML()
         self._w_out = W.Output()
-        self._syncing = False
 
-        def changed(key):
-            def handler(change):
-                if self._syncing:
-                    return
-                try:
-                    if key == "method":
-                        self.set(method=change["new"], bits=None)
-                    else:
-                        self.set(**{key: change["new"]})
-                except ValueError as exc:
-                    self._w_status.value = f"<span style='color:#c00'>{html.escape(str(exc))}</span>"
-            return handler
+        def changed(key, value):
+            try:
+                self.set(**{key: value})  # a new method starts at its own bits (set's bits=None)
+            except ValueError as exc:
+                self._w_status.value = error_html(exc)
 
-        self._w_layer.observe(changed("layer"), names="value")
-        self._w_method.observe(changed("method"), names="value")
-        self._w_bits.observe(changed("bits"), names="value")
-        self._w_group.observe(changed("group_size"), names="value")
+        self._bind({"layer": self._w_layer, "method": self._w_method, "bits": self._w_bits,
+                    "group_size": self._w_group}, changed)
         self._w_apply.on_click(lambda _b: self._apply_clicked())
         controls = W.VBox([self._w_layer, self._w_method, W.HBox([self._w_bits, self._w_group])])
         box = W.VBox([controls, W.HBox([self._plot.widget, self._w_summary]),
@@ -358,18 +277,12 @@ class QuantExplorer(EffnbWidget):
         box.add_class("effnb-quant")
         return box
 
-    def _sync_controls(self) -> None:
-        if self._box is None:
-            return
-        self._syncing = True
-        try:
-            self._w_layer.value, self._w_method.value = self.layer, self.method
-            self._w_bits.value = self.bits
-            self._w_bits.disabled = METHODS[self.method] is not None
-            self._w_group.value = self.group_size
-            self._w_apply.disabled = self.quantize_config() is None
-        finally:
-            self._syncing = False
+    def _set_controls(self) -> None:
+        self._w_layer.value, self._w_method.value = self.layer, self.method
+        self._w_bits.value = self.bits
+        self._w_bits.disabled = METHODS[self.method] is not None
+        self._w_group.value = self.group_size
+        self._w_apply.disabled = self.quantize_config() is None
 
     def _redraw(self) -> None:
         if self._box is None:
@@ -385,48 +298,32 @@ class QuantExplorer(EffnbWidget):
         """Quantize the whole model with the previewed setting: ``effnb.quantize(model, ...)`` (a new model)."""
         cfg = self.quantize_config()
         if cfg is None:
-            raise ValueError(f"{self.method} {self.bits}-bit with group {_group_label(self.group_size)} is a preview "
+            raise ValueError(f"{self.method} {self.bits}-bit with group {group_label(self.group_size)} is a preview "
                              "only; effnb.quantize stores int4 (groups 32-256), int8, nf4, fp4 and fp8")
-        import effnb
+        from ..quant.api import quantize
 
-        self.result = effnb.quantize(self.model, **cfg, **options)
+        self.result = quantize(self.model, **cfg, **options)
         return self.result
 
     def _apply_clicked(self) -> None:
-        from IPython.display import display
-
-        cfg = self.quantize_config()
-        self._w_apply.disabled = True
-        self._w_status.value = (f"quantizing {len(self.layers)} layers with {html.escape(str(cfg))}… "
-                                "(interrupt the kernel to stop; the model is not changed)")
-        t0 = time.perf_counter()
-        try:
-            res = self.apply(measure=self._w_measure.value)
-        except KeyboardInterrupt:
-            self._w_status.value = "interrupted; the model is unchanged"
-            return
-        except (ValueError, TypeError) as exc:
-            self._w_status.value = f"<span style='color:#c00'>{html.escape(str(exc))}</span>"
-            return
-        finally:
-            self._w_apply.disabled = self.quantize_config() is None
-        self._w_status.value = (f"done in {time.perf_counter() - t0:.1f} s: the result is "
-                                "<code>explorer.result</code> (model: <code>explorer.result.model</code>)")
-        self._w_out.clear_output()
-        with self._w_out:
-            display(res.report)
+        self._run_apply(lambda: self.apply(measure=self._w_measure.value),
+                        f"quantizing {len(self.layers)} layers with {html.escape(str(self.quantize_config()))}… "
+                        "(interrupt the kernel to stop; the model is not changed)",
+                        "done in {seconds:.1f} s: the result is <code>explorer.result</code> "
+                        "(model: <code>explorer.result.model</code>)",
+                        enabled_after=lambda: self.quantize_config() is not None)
 
     def table(self) -> str:
         """Every layer at the current setting: SNR and bytes (HTML; quantizes each layer once)."""
+        from ..torch_utils import snr_db
+
         rows = []
         for name, m in self.layers.items():
-            w = _weight_nk(m)
+            w = weight_nk(m)
             try:
                 approx, _grid, after = quantize_preview(w, self.method, self.bits, self.group_size)
             except ValueError as exc:
                 rows.append([name, "—", "—", str(exc)])
                 continue
-            from ..measure import snr_db
-
             rows.append([name, f"{snr_db(w, approx):.2f}", mb(after), ""])
         return html_table(["layer", "SNR dB", "bytes after", "note"], rows)

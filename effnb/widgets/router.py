@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import html
 
-from ._base import EffnbWidget, PlotOutput, html_table
+from ._base import EffnbWidget, PlotOutput, error_html, html_table
 
 # 20 distinguishable colours (Tableau 20), cycled past 20 experts
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
@@ -40,10 +40,10 @@ class RouterExplorer(EffnbWidget):
         self.stats = self._route(text)
 
     def _route(self, text):
-        import effnb
+        from ..experts.api import moe_stats
 
         try:
-            return effnb.moe_stats(self.model, text, max_tokens=self.max_tokens, show_tokens=self.show_tokens)
+            return moe_stats(self.model, text, max_tokens=self.max_tokens, show_tokens=self.show_tokens)
         except ValueError as exc:
             msg = str(exc).splitlines()[0]
             if "no MoE routers" in msg:
@@ -126,20 +126,15 @@ class RouterExplorer(EffnbWidget):
         self._w_tokens = W.HTML(self.coloured_text_html())
         self._w_table = W.HTML(self._imbalance_html())
         self._w_status = W.HTML()
-        self._syncing = False
-
-        def layer_changed(change):
-            if not self._syncing:
-                self.set(layer=change["new"])
 
         def route(_b):
             try:
                 self.set(text=self._w_text.value or None)
                 self._w_status.value = ""
             except ValueError as exc:
-                self._w_status.value = f"<span style='color:#c00'>{html.escape(str(exc))}</span>"
+                self._w_status.value = error_html(exc)
 
-        self._w_layer.observe(layer_changed, names="value")
+        self._bind({"layer": self._w_layer}, lambda key, value: self.set(layer=value))
         self._w_route.on_click(route)
         box = W.VBox([self._plot.widget, self._w_layer, self._w_tokens, self._w_table,
                       W.HBox([self._w_route, self._w_status]), self._w_text])
@@ -149,11 +144,8 @@ class RouterExplorer(EffnbWidget):
     def _redraw(self, figure: bool = False) -> None:
         if self._box is None:
             return
-        self._syncing = True
-        try:
+        with self._setting_controls():
             self._w_layer.value = self.layer
-        finally:
-            self._syncing = False
         self._w_tokens.value = self.coloured_text_html()
         self._w_table.value = self._imbalance_html()
         if figure:

@@ -18,8 +18,10 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 if triton.knobs.runtime.interpret:
     pytest.skip("TRITON_INTERPRET=1 is set: run the GPU tests in a process without it", allow_module_level=True)
 
-from effnb.kernels import _triton, interface, reference  # noqa: E402
+from effnb.kernels import functions, reference  # noqa: E402
+from effnb.kernels import triton as kt  # noqa: E402
 from effnb.kernels.testing import TOLERANCE, make_case, rel_error, weight_args  # noqa: E402
+from effnb.kernels.triton import qmm  # noqa: E402
 
 DEV = "cuda"
 
@@ -32,7 +34,7 @@ def _case(fmt, n, k, group, opts=()):
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(_triton, "POISON", True)
+    monkeypatch.setattr(qmm, "POISON", True)
 
 
 def _check(case, x, y, bias, what):
@@ -56,34 +58,35 @@ def test_real_sizes(fmt, group, opts, m, dtype):
         case = _case(fmt, n, k, group, tuple(sorted(opts.items())))
         x = torch.randn(m, k, dtype=dtype, device=DEV)
         bias = torch.randn(n, dtype=dtype, device=DEV) if i == 0 else None
-        y, path = interface.run_kernel(fmt, x, bias=bias, return_path=True, **weight_args(case))
+        y, path = kt.run_kernel(fmt, x, bias=bias, return_path=True, **weight_args(case))
         _check(case, x, y, bias, f"{fmt} g{group} {opts} {path} M={m} N={n} K={k} {dtype}")
 
 
-@pytest.mark.parametrize("path", interface.PATHS)
+@pytest.mark.parametrize("path", kt.PATHS)
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
 def test_every_path_on_awkward_shapes(fmt, path):
     for m, n, k in ((1, 4099, 4160), (7, 1000, 2112), (33, 257, 512)):
         case = _case(fmt, n, k, 64, (("double_quant", True),) if fmt == "nf4" else ())
         x = torch.randn(m, k, dtype=torch.float16, device=DEV)
-        y = interface.run_kernel(fmt, x, path=path, **weight_args(case))
+        y = kt.run_kernel(fmt, x, path=path, **weight_args(case))
         _check(case, x, y, None, f"{fmt} {path} M={m} N={n} K={k}")
 
 
 def test_ops_dispatch_to_triton_on_cuda_and_pass_opcheck():
     case = make_case("int4", 512, 1024, 64, device=DEV)
     x = torch.randn(2, 1024, dtype=torch.float16, device=DEV)
-    before = sum(interface.path_counts.values())
-    y = interface.int4_linear(x, case["qweight"], case["scales"], case["zeros"], 64)
-    assert sum(interface.path_counts.values()) == before + 1  # the Triton implementation ran
+    before = sum(kt.path_counts.values())
+    y = functions.int4_linear(x, case["qweight"], case["scales"], case["zeros"], 64)
+    assert sum(kt.path_counts.values()) == before + 1  # the Triton implementation ran
     _check(case, x, y, None, "int4_linear op")
     torch.library.opcheck(torch.ops.effnb.int4_linear.default,
                           (x, case["qweight"], case["scales"], case["zeros"], 64, None))
 
 
 def test_quantlinear_uses_the_cuda_kernel():
+    from effnb.kernels.linear import QuantLinear
+
     import effnb
-    from effnb.quant.linear import QuantLinear
 
     model = effnb.load_model("tiny-llama").to(DEV).half()
     q = effnb.quantize(model, "nf4", measure=False)

@@ -19,7 +19,7 @@ if not triton.knobs.runtime.interpret:
     pytest.skip("this process compiles Triton for CUDA; run the interpreter tests on their own with "
                 "TRITON_INTERPRET=1 pytest tests/kernels/test_moe_grouped.py", allow_module_level=True)
 
-from effnb.kernels import moe_grouped  # noqa: E402
+from effnb.kernels.triton import grouped as moe_grouped  # noqa: E402
 
 from effnb.experts import block as B  # noqa: E402
 

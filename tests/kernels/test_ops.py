@@ -1,4 +1,5 @@
-"""The torch.library ops: opcheck, reference semantics, argument errors, import cost, dispatch."""
+"""The torch.library ops: opcheck, the CPU kernels behind them, reference semantics, argument errors,
+import cost, and the one ``supports`` that picks the path."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-from effnb.kernels import interface, reference
-from effnb.kernels.testing import make_case, weight_args
+from effnb.kernels import cpu, functions, ops, reference
+from effnb.kernels.testing import make_case, rel_error, weight_args
 
 
 def _op_args(case, x, bias):
@@ -24,14 +25,42 @@ def _op_args(case, x, bias):
 
 
 OPS = [("int4", {}), ("int4", {"symmetric": True}), ("int8", {}), ("nf4", {}), ("fp4", {"double_quant": True})]
+needs_cpu_kernels = pytest.mark.skipif(cpu.library(quiet=True) is None, reason="effnb's CPU kernels unavailable")
 
 
 @pytest.mark.parametrize("fmt,opts", OPS)
-def test_opcheck(fmt, opts):
-    case = make_case(fmt, 24, 128, 64, seed=2, **opts)
-    for x, bias in ((torch.randn(3, 128), torch.randn(24)), (torch.randn(2, 1, 128, dtype=torch.float16), None)):
+@pytest.mark.parametrize("n,k,g", [(24, 128, 64), (8, 96, 32), (16, 96, 48)])  # the last: the reference path
+def test_opcheck(fmt, opts, n, k, g):
+    if fmt in ("nf4", "fp4") and k % g:
+        g = 32
+    case = make_case(fmt, n, k, g, seed=2, **opts)
+    for x, bias in ((torch.randn(3, k), torch.randn(n)), (torch.randn(2, 1, k, dtype=torch.float16), None),
+                    (torch.randn(40, k, dtype=torch.bfloat16), torch.randn(n))):  # 40 rows: dequantize + GEMM
         op, args = _op_args(case, x, bias)
         torch.library.opcheck(op, args)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("fmt,opts", OPS)
+@pytest.mark.parametrize("rows,path", [(1, "cpu-fast"), (16, "cpu-fast"), (17, "cpu-dequant")])
+def test_op_on_cpu_runs_the_cpp_kernel(fmt, opts, rows, path):
+    case = make_case(fmt, 24, 128, 64, seed=3, **opts)
+    x, bias = torch.randn(rows, 128), torch.randn(24)
+    op, args = _op_args(case, x, bias)
+    before = ops.path_counts[path]
+    y = op(*args)
+    assert ops.path_counts[path] == before + 1, dict(ops.path_counts)
+    want = reference.reference_linear(fmt, x, bias=bias, **weight_args(case))
+    assert rel_error(y, want) <= 1e-5
+
+
+def test_op_on_cpu_falls_back_to_the_reference_where_the_kernel_cannot_run():
+    case = make_case("int4", 16, 96, 48, seed=5)  # group 48: not a multiple of 32
+    x = torch.randn(2, 96)
+    before = ops.path_counts["reference"]
+    y = torch.ops.effnb.int4_linear(x, case["qweight"], case["scales"], case["zeros"], 48, None)
+    assert ops.path_counts["reference"] == before + 1
+    assert torch.equal(y, reference.reference_linear("int4", x, **weight_args(case)))
 
 
 @pytest.mark.parametrize("fmt,opts", OPS)
@@ -41,31 +70,31 @@ def test_public_functions_equal_dequantize_then_linear(fmt, opts):
     w = reference.dequantize(fmt, **weight_args(case))
     want = torch.nn.functional.linear(x, w, bias)
     if fmt == "int4":
-        got = interface.int4_linear(x, case["qweight"], case["scales"], case["zeros"], 32, bias=bias)
+        got = functions.int4_linear(x, case["qweight"], case["scales"], case["zeros"], 32, bias=bias)
     elif fmt == "int8":
-        got = interface.int8_linear(x, case["qweight"], case["scales"], 32, bias=bias)
+        got = functions.int8_linear(x, case["qweight"], case["scales"], 32, bias=bias)
     else:
-        absmax = interface.DoubleQuant(*case["dq"]) if "dq" in case else case["absmax"]
-        got = getattr(interface, f"{fmt}_linear")(x, case["qweight"], absmax, 32, (24, 128), bias=bias)
+        absmax = functions.DoubleQuant(*case["dq"]) if "dq" in case else case["absmax"]
+        got = getattr(functions, f"{fmt}_linear")(x, case["qweight"], absmax, 32, (24, 128), bias=bias)
     assert got.shape == (2, 5, 24)
-    assert torch.equal(got, want)
+    assert rel_error(got, want) <= 1e-5  # the CPU kernels: fp32 sums in another order
 
 
 def test_argument_errors_name_the_bad_value():
     case = make_case("int4", 8, 64, 32)
     with pytest.raises(ValueError, match="x has 60 features in its last dimension, the weight expects 64"):
-        interface.int4_linear(torch.randn(1, 60), case["qweight"], case["scales"], case["zeros"], 32)
+        functions.int4_linear(torch.randn(1, 60), case["qweight"], case["scales"], case["zeros"], 32)
     with pytest.raises(TypeError, match="dtype torch.float64 are not supported; use float16, bfloat16 or float32"):
-        interface.int4_linear(torch.randn(1, 64, dtype=torch.float64), case["qweight"], case["scales"],
+        functions.int4_linear(torch.randn(1, 64, dtype=torch.float64), case["qweight"], case["scales"],
                               case["zeros"], 32)
 
 
 def test_compiles_with_torch_compile_fullgraph():
     case = make_case("int8", 16, 64, 64)
-    f = torch.compile(lambda x: interface.int8_linear(x, case["qweight"], case["scales"], 64) * 2,
+    f = torch.compile(lambda x: functions.int8_linear(x, case["qweight"], case["scales"], 64) * 2,
                       fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 64)
-    assert torch.equal(f(x), interface.int8_linear(x, case["qweight"], case["scales"], 64) * 2)
+    assert torch.equal(f(x), functions.int8_linear(x, case["qweight"], case["scales"], 64) * 2)
 
 
 def test_import_is_light():
@@ -86,21 +115,20 @@ def test_import_is_light():
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
-def test_quantlinear_reports_why_the_cuda_kernel_did_not_run():
-    from effnb.quant import backends
-
+def test_supports_is_the_one_place_that_says_why():
     case = make_case("nf4", 8, 64, 64)
-
-    class Layer:  # the attributes _cuda_supports reads
-        fmt = "nf4"
-
-    why = backends._cuda_supports(Layer(), torch.randn(1, 64))
-    assert why == "input not on CUDA"
+    x = torch.randn(1, 64)
+    assert ops.supports("cuda-kernel", "nf4", x) == "input not on CUDA"
+    assert ops.supports("cpu-fast", "fp8", x) == "format fp8 has no CPU kernel"
+    assert ops.supports("reference", "fp8", x) is None
+    tensors = {"qweight": case["qweight"], "absmax": case["absmax"]}
+    why = ops.supports("cpu-fast", "nf4", torch.randn(17, 64), tensors=tensors, group_size=64, shape=(8, 64))
+    assert why == "more than 16 rows (prefill): dequantize + GEMM is faster"
     if not torch.cuda.is_available():
-        assert backends.availability("cuda", "nf4") == "no CUDA device"
-    fn, reason = backends._cuda_kernel_fn("nf4")
-    assert reason is None and fn is interface.nf4_linear
-    assert case["qweight"].dtype == torch.uint8
+        assert ops.availability("cuda", "nf4") == "no CUDA device"
+    assert ops.availability("reference", "fp8") is None and ops.availability("auto", "fp8") is None
+    with pytest.raises(ValueError, match="unknown path 'gpu'"):
+        ops.supports("gpu", "nf4", x)
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():

@@ -100,7 +100,7 @@ def test_audit_of_something_that_is_not_a_model():
     expect_clean_error(lambda: effnb.audit("tiny-llama"), "expected a torch.nn.Module model, got str")
 
 
-# --------------------------------------------------------------------------- lora (LoraArgs)
+# --------------------------------------------------------------------------- lora (LoraConfig)
 
 LORA_CASES = [
     ({"rank": 0}, ValueError, "rank must be a positive integer (typically 4 to 64), got 0"),

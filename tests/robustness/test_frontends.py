@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import effnb  # noqa: E402
-from effnb import cli, commands  # noqa: E402
+from effnb import cli, outputs  # noqa: E402
 from effnb.testing import QUICK  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -273,10 +273,10 @@ def test_json_is_replaced_whole_and_probing_changes_nothing(paths, capsys):
     target = paths / "report.json"
     target.write_text("previous report\n")
     os.chmod(target, 0o640)
-    assert commands.check_output_file(str(target)) == str(target)
+    assert outputs.check_output_file(str(target)) == str(target)
     assert target.read_text() == "previous report\n"  # the probe neither truncates nor appends
     fresh = paths / "new.json"
-    commands.check_output_file(str(fresh))
+    outputs.check_output_file(str(fresh))
     assert not fresh.exists()  # the probe file is removed
     assert cli.main(["audit", "tiny-llama", *Q, "--json", str(target), "-q"]) == 0
     effnb.report.validate(json.loads(target.read_text()))

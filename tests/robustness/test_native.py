@@ -23,9 +23,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from effnb.quant import cpu_ext  # noqa: E402
-from effnb.quant import formats as F  # noqa: E402
-from effnb.quant.linear import QuantLinear  # noqa: E402
+from effnb.kernels import cpu as cpu_ext  # noqa: E402
+from effnb.kernels import reference as F  # noqa: E402
+from effnb.kernels.linear import QuantLinear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,14 +52,14 @@ def _need_kernels():
 FORK_CHILD = r"""
 import ctypes, os, sys, time
 import torch
-from effnb.quant import cpu_ext, formats as F
+from effnb.kernels import cpu as cpu_ext, reference as F
 torch.manual_seed(0)
 lib = cpu_ext.library()
 T = 2
 N, K, g, B, M = 256, 512, 64, 64, 4
 G = K // g
 w, x = torch.randn(N, K), torch.randn(M, K)
-code, bounds, order = F._4bit_search("nf4")
+code, bounds, order = F.bucket_search("nf4")
 o8, table = order.to(torch.uint8), F.table_4bit("nf4")
 H = torch.eye(B) * 2.0
 sc, zc = torch.full((N, G), 0.05), torch.full((N, G), 8.0)
@@ -141,8 +141,8 @@ def test_every_native_entry_point_works_in_a_forked_child():
 NO_THREADS = r"""
 import os, resource
 import torch
-from effnb.quant import formats as F
-from effnb.quant.linear import QuantLinear
+from effnb.kernels import reference as F
+from effnb.kernels.linear import QuantLinear
 torch.set_num_threads(1)  # no OpenMP team in the parent: the child may make threads of its own
 torch.manual_seed(0)
 layer = QuantLinear(512, 4096, "int8", 64, F.quantize_int8(torch.randn(4096, 512), 64))
@@ -292,7 +292,7 @@ def test_library_is_checked_against_its_recorded_sha256(tmp_path, monkeypatch, c
     with open(target, "ab") as f:
         f.write(b"\0planted")
     assert "does not match the SHA-256" in cpu_ext._verify(target)
-    with caplog.at_level("INFO", logger="effnb.quant.cpu_ext"):
+    with caplog.at_level("INFO", logger="effnb.kernels.cpu"):
         lib = cpu_ext._load()
     assert "rebuilding effnb CPU kernels" in caplog.text and lib.effnb_abi_version() == cpu_ext._ABI
     assert cpu_ext._verify(target) is None and not (tmp_path / "ran").exists(), "the inherited $CXX was run"
@@ -310,7 +310,8 @@ import json, os, resource, sys, time
 import torch
 torch.set_num_threads(1)
 import effnb
-from effnb.quant import api, cpu_ext  # imported and loaded here: the children's limits meet real work
+from effnb.kernels import cpu as cpu_ext  # imported and loaded here: the children's limits meet real work
+from effnb.quant import api
 cpu_ext.library(quiet=True)
 model = effnb.load_model("tiny-llama")
 effnb.quantize  # noqa: B018 - resolves effnb's lazy name now

@@ -1,4 +1,4 @@
-"""Build and load effnb's CPU kernels (``csrc/qlinear.cpp``) on first use.
+"""Build and load effnb's CPU kernels (``qlinear.cpp`` beside this file) on first use.
 
 The source has a plain C ABI and includes no torch headers, so ``g++`` builds it in about a second
 (a ``torch.utils.cpp_extension`` build of the same code takes ~40 s on 2 cores). The library is
@@ -33,7 +33,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "qlinear.cpp"
+_SOURCE = Path(__file__).with_name("qlinear.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-shared", "-fPIC"]
 _ABI = 9
 _COMPILERS = ("g++", "c++", "clang++")
@@ -94,7 +94,7 @@ def unchecked(name: str):
 
 
 def raise_status(result: int, name: str) -> None:
-    """Raise the MemoryError / RuntimeError for a kernel's non-zero status (see csrc/qlinear.cpp)."""
+    """Raise the MemoryError / RuntimeError for a kernel's non-zero status (see qlinear.cpp)."""
     buf = ctypes.create_string_buffer(256)
     size = _lib.effnb_last_error(buf, 256) if _lib is not None else -1
     what = buf.value.decode(errors="replace") or name
@@ -309,7 +309,7 @@ _THREADING = {"auto": 0, "openmp": 1, "pool": 2}
 
 
 def set_decode_threading(mode: str) -> None:
-    """How the decode kernels use threads (see csrc/qlinear.cpp, ``pool`` and ``over_rows``).
+    """How the decode kernels use threads (see qlinear.cpp, ``pool`` and ``over_rows``).
 
     "auto" (the default): torch's OpenMP threads, moving to effnb's own pool for 2 s when calls keep
     stalling on a thread that is not running (a busy machine); "openmp" or "pool" force one of the
@@ -339,7 +339,7 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-if __name__ == "__main__":  # python -m effnb.quant.cpu_ext : build now and say what happened
+if __name__ == "__main__":  # python -m effnb.kernels.cpu : build now and say what happened
     logging.basicConfig(level=logging.INFO)
     library()
     print(status())

@@ -1,12 +1,12 @@
 // effnb CPU kernels for weight-only quantized Linear layers: y[M, N] = x[M, K] @ W[N, K]^T (+ bias).
 //
 // Plain C ABI (no torch headers: builds in about a second with g++), called through ctypes from
-// effnb/quant/cpu_ext.py. The decode kernels split their rows over torch's OpenMP threads, and
+// kernels/cpu/__init__.py. The decode kernels split their rows over torch's OpenMP threads, and
 // over effnb's own small thread pool for a while after an OpenMP call stalled (see `pool` and
 // `over_rows` below); the quantization routines use OpenMP. The OpenMP runtime is torch's own
 // libgomp, already loaded in the process, so there is one OpenMP pool, not two.
 //
-// The weights are read in exactly the formats effnb stores (see effnb/quant/formats.py):
+// The weights are read in exactly the formats effnb stores (see kernels/reference.py):
 //   int4 : qweight u8 [N, K/2], column 2j in the LOW nibble, 2j+1 in the HIGH nibble;
 //          scales fp16 [N, K/g], zeros fp16 [N, K/g] in code units (NULL: symmetric, z = 8);
 //          w = (q - z) * s
@@ -61,7 +61,7 @@
 // than 10 % of a 200 ms window (a busy machine, where nearly every call stalls), it runs on this
 // pool for the next 2 s, then tries OpenMP again (mode 0, "auto"). A single stall on a quiet
 // machine does not switch: 2 s on the pool would cost far more than it. Modes 1 and 2 force
-// OpenMP or the pool (cpu_ext.set_decode_threading). In a forked child the kernels always use the
+// OpenMP or the pool (effnb.kernels.cpu.set_decode_threading). In a forked child the kernels always use the
 // pool: GNU OpenMP's threads do not survive fork, and a parallel region there waits for them
 // forever (so does torch's own matmul at 2 threads, measured).
 namespace pool {
@@ -90,7 +90,7 @@ struct State {
 std::atomic<State*> g_state{nullptr};
 std::atomic<int> g_mode{0};  // 0: auto (OpenMP, the pool after a stall), 1: OpenMP, 2: this pool
 std::atomic<int64_t> g_pool_until{0};  // steady-clock ns: auto mode uses the pool until then
-std::atomic<int64_t> g_stalls{0};      // OpenMP calls that stalled (cpu_ext.decode_threading_stats)
+std::atomic<int64_t> g_stalls{0};      // OpenMP calls that stalled (effnb.kernels.cpu.decode_threading_stats)
 std::atomic<int64_t> g_switches{0};    // times auto mode moved to the pool
 std::atomic<bool> g_forked{false};     // this process is a fork()ed child: OpenMP would hang
 void on_fork_child() { g_forked.store(true); }
@@ -242,7 +242,7 @@ void parallel(int64_t n, int nthreads, G& run) {
 // ------------------------------------------------------------------------- errors and fork
 // No C++ exception may cross the C ABI (it would abort the whole Python process): every exported
 // function returns kOk or an error code, with what failed kept per thread for effnb_last_error,
-// which cpu_ext.py turns into a one-line MemoryError / RuntimeError.
+// which kernels/cpu/__init__.py turns into a one-line MemoryError / RuntimeError.
 constexpr int kOk = 0, kNoMemory = 1, kFailed = 2, kBadSizes = 3;
 thread_local char g_error[256];
 thread_local int64_t g_error_bytes = -1;
@@ -653,7 +653,7 @@ int64_t effnb_last_error(char* msg, int64_t n) {
     return g_error_bytes;
 }
 
-// The process is a fork()ed child although the library was loaded after the fork (cpu_ext.py
+// The process is a fork()ed child although the library was loaded after the fork (kernels/cpu/__init__.py
 // learns it from os.register_at_fork): as after pthread_atfork, no OpenMP region from now on.
 void effnb_note_fork() { pool::g_forked.store(true); }
 
@@ -731,14 +731,14 @@ int effnb_int8_linear(const float* x, int64_t M, int64_t K, int64_t N, const int
 }
 
 // ------------------------------------------------------------- int4 / int8 round to nearest
-// formats.quantize_int4 / quantize_int8 value for value (one OpenMP region per layer instead of a
+// reference.quantize_int4 / quantize_int8 value for value (one OpenMP region per layer instead of a
 // dozen layer-sized PyTorch ops, each a parallel region that a busy shared CPU can stall), plus the
 // squared error of the stored weights for the layer's SNR. W [N, K] row-major, groups of g along K.
 //   mode 0: int4 asymmetric: s = fp16((max - min) / 15) (1 if 0, at least 2^-24), z = fp16(-min / s),
 //           q = clamp(round(w / s + z), 0, 15), packed two per byte (2j low nibble, 2j+1 high)
 //   mode 1: int4 symmetric: s = fp16(max(-min / 8, max / 7)) (1 if 0, at least 2^-24), q = clamp(round(w / s + 8), 0, 15)
 //   mode 2: int8: s = fp16(absmax / 127) (1 if it rounds to 0), q = clamp(round(w / s), -127, 127)
-constexpr float kFp16Tiny = 5.9604644775390625e-8f;  // 2^-24, the smallest positive fp16 (formats.FP16_TINY)
+constexpr float kFp16Tiny = 5.9604644775390625e-8f;  // 2^-24, the smallest positive fp16 (reference.FP16_TINY)
 
 int effnb_quantize_rtn(const float* w, int64_t N, int64_t K, int64_t g, int mode, uint8_t* q, uint16_t* scales,
                        uint16_t* zeros, double* sq_err, int nthreads) {
@@ -843,7 +843,7 @@ static inline double encode_block4(const float* w, int64_t k0, int64_t k1, float
 }
 
 // bitsandbytes' quantize_4bit arithmetic, element for element (the PyTorch reference in
-// formats.py does the same): per block absmax; scaled = clamp(w * (1 / absmax), -1, 1);
+// reference.py does the same): per block absmax; scaled = clamp(w * (1 / absmax), -1, 1);
 // index = number of midpoints between sorted table values that lie below `scaled` (a
 // branchless binary search over the 15 midpoints), mapped through `order` (sorted position ->
 // table index; identity for nf4). Packs element 2i in the HIGH nibble. Also returns the sum of
@@ -949,7 +949,7 @@ int effnb_gptq_block(float* W1, int64_t N, int64_t B, const float* Hinv1, const 
 }
 
 // ------------------------------------------------------------------------ dequantize (prefill)
-// The whole weight as fp32 [N, K], value for value what formats.py's dequantize_* compute (same
+// The whole weight as fp32 [N, K], value for value what reference.py's dequantize_* compute (same
 // fp32 operations, no fused multiply-add), so a prefill or a training step with gradients runs
 // dequantize-here + torch's GEMM with results identical to the reference path, ~10x faster than
 // dequantizing with PyTorch ops. K and g multiples of 32 for int4/int8 (the caller checks).

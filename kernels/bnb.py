@@ -1,6 +1,6 @@
 """bitsandbytes interop: effnb's nf4/fp4/int8 tensors <-> bitsandbytes modules, both directions.
 
-effnb's nf4/fp4 bytes *are* bitsandbytes' bytes (formats.py), so conversion only rewraps tensors:
+effnb's nf4/fp4 bytes *are* bitsandbytes' bytes (reference.py), so conversion only rewraps tensors:
 no requantization, and either side reads the other's weights exactly.
 
 bitsandbytes' CPU layout (read in bitsandbytes 0.50.2). On a CPU whose native library reports AVX512-BF16
@@ -29,6 +29,8 @@ import logging
 
 import torch
 
+from .formats import get_format
+
 log = logging.getLogger(__name__)
 
 _CPU_BLOCK_N = 32  # rows per tile of bitsandbytes' CPU layout (its ``block_n`` default)
@@ -45,32 +47,33 @@ def _bnb():
 def quant_state(tensors: dict, fmt: str, blocksize: int, shape: tuple[int, int], dtype: torch.dtype):
     """A bitsandbytes QuantState over effnb's nf4/fp4 tensors (shared, not copied)."""
     bnb = _bnb()
-    from . import formats as F
+    from .reference import DQ_BLOCKSIZE, table_4bit
 
     QS = bnb.functional.QuantState
-    code = F.table_4bit(fmt)
+    code = table_4bit(fmt)
     if tensors.get("qabsmax") is not None:
-        state2 = QS(absmax=tensors["absmax2"], code=tensors["code2"], blocksize=F.DQ_BLOCKSIZE, dtype=torch.float32)
+        state2 = QS(absmax=tensors["absmax2"], code=tensors["code2"], blocksize=DQ_BLOCKSIZE, dtype=torch.float32)
         return QS(absmax=tensors["qabsmax"], shape=torch.Size(shape), code=code, blocksize=blocksize,
                   quant_type=fmt, dtype=dtype, offset=tensors["offset"].reshape(()), state2=state2)
     return QS(absmax=tensors["absmax"], shape=torch.Size(shape), code=code, blocksize=blocksize, quant_type=fmt,
               dtype=dtype)
 
 
-def to_bnb_module(w: torch.Tensor, bias, cfg, tensors: dict | None, k: int, n: int, dtype=torch.float32):
-    """A bitsandbytes Linear4bit (nf4/fp4, from effnb's tensors) or Linear8bitLt (int8, llm.int8)."""
+def to_bnb_module(w: torch.Tensor, bias, tensors: dict | None, *, fmt: str, group_size: int, k: int, n: int,
+                  dtype=torch.float32, double_quant: bool = False, threshold: float = 0.0):
+    """A bitsandbytes Linear4bit (a 4-bit table format, from effnb's ``tensors``) or Linear8bitLt
+    (int8 from the weight ``w``; ``threshold`` > 0 keeps fp16 outliers: llm.int8)."""
     bnb = _bnb()
     dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    if cfg.method in ("nf4", "fp4"):
-        m = bnb.nn.Linear4bit(k, n, bias=bias is not None, compute_dtype=dtype, compress_statistics=cfg.double_quant,
-                              quant_type=cfg.method, device="meta")
-        qs = quant_state(tensors, cfg.method, cfg.group_size, (n, k), dtype)
+    if get_format(fmt).table:
+        m = bnb.nn.Linear4bit(k, n, bias=bias is not None, compute_dtype=dtype, compress_statistics=double_quant,
+                              quant_type=fmt, device="meta")
+        qs = quant_state(tensors, fmt, group_size, (n, k), dtype)
         m.weight = bnb.nn.Params4bit(tensors["qweight"].reshape(-1, 1), requires_grad=False, quant_state=qs,
-                                     blocksize=cfg.group_size, compress_statistics=cfg.double_quant,
-                                     quant_type=cfg.method, bnb_quantized=True, module=m)
+                                     blocksize=group_size, compress_statistics=double_quant,
+                                     quant_type=fmt, bnb_quantized=True, module=m)
         guard_layout(m)
     else:  # int8 via bitsandbytes: row-wise absmax int8, plus fp16 outliers for llm.int8
-        threshold = cfg.llm_int8_threshold if cfg.method == "llm.int8" else 0.0
         m = bnb.nn.Linear8bitLt(k, n, bias=bias is not None, has_fp16_weights=False, threshold=threshold,
                                 device="meta")
         m.weight = bnb.nn.Int8Params(w.detach().clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
@@ -116,7 +119,7 @@ def forward_dtype(m, x_dtype: torch.dtype = torch.float32, *, grad: bool = False
     return m.compute_dtype or x_dtype
 
 
-def _unpack_cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def unpack_cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """bitsandbytes' CPU tiles ``[N, K/2]`` -> canonical bytes (flat, N*K/2): pure torch, exact."""
     b = _CPU_BLOCK_N
     p = packed.contiguous().view(torch.uint8).reshape(-1, b)  # 32 bytes = 64 codes: low nibbles, then high
@@ -141,7 +144,7 @@ def canonical_4bit(m) -> tuple[dict, str, int, tuple[int, int]]:
     n, k = (int(d) for d in qs.shape)
     kind = layout(m)
     if kind == "cpu-repacked":
-        q = _unpack_cpu_codes(m.weight.data, n, k)
+        q = unpack_cpu_codes(m.weight.data, n, k)
         return {"absmax": qs.absmax.T.reshape(-1).float(), "qweight": q}, qs.quant_type, qs.blocksize, (n, k)
     q = m.weight.data.reshape(-1).view(torch.uint8)
     if kind == "transposed-absmax":

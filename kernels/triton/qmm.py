@@ -31,9 +31,103 @@ import torch
 import triton
 import triton.language as tl
 
+from effnb.torch_utils import triton_interpreting
+
 FMT_INT4, FMT_INT8, FMT_LUT4 = 0, 1, 2
 DQ_BLOCK = 256  # bitsandbytes' block for the double-quantized absmax
 POISON = False  # tests set this: outputs start as NaN so unwritten elements show up
+
+
+DQ_BLOCK_C = tl.constexpr(DQ_BLOCK)  # a global the kernels may read
+
+
+@triton.jit
+def _tile_scales(s_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, rn, n_ok, k0, KG, GROUP: tl.constexpr, NG: tl.constexpr,
+                 DQ: tl.constexpr):
+    """(scales fp32 [BLOCK_N, NG], their indices, their mask) of the tile starting at column k0
+    (tiles start on a group boundary)."""
+    gk = k0 // GROUP + tl.arange(0, NG)
+    g_ok = n_ok[:, None] & (gk[None, :] < KG)
+    gidx = rn[:, None] * KG + gk[None, :]
+    if DQ:  # bitsandbytes double quantization: absmax = code2[q] * absmax2[block // 256] + offset
+        qa = tl.load(q2_ptr + gidx, mask=g_ok, other=0).to(tl.int32)
+        s = tl.load(c2_ptr + qa) * tl.load(a2_ptr + gidx // DQ_BLOCK_C, mask=g_ok, other=0.0)
+        s = s + tl.load(off_ptr)
+    else:
+        s = tl.load(s_ptr + gidx, mask=g_ok, other=0.0).to(tl.float32)
+    return s, gidx, g_ok
+
+
+@triton.jit
+def _zeros(z_ptr, gidx, g_ok, HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+    """int4 zero points of a tile's groups (8 when the weight is symmetric)."""
+    if HAS_Z:
+        z = tl.load(z_ptr + gidx, mask=g_ok, other=0.0).to(tl.float32)
+    else:
+        z = tl.full((BLOCK_N, NG), 8.0, tl.float32)
+    return z
+
+
+@triton.jit
+def _lut_values(tab_ptr, hi, lo, s, BLOCK_N: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+                HALF: tl.constexpr):
+    """nf4/fp4 (bitsandbytes): element 2i in the HIGH nibble, 2i+1 low; w = table[q] * absmax."""
+    ev = tl.reshape(tl.reshape(tl.load(tab_ptr + hi), (BLOCK_N, NG, GS // 2)) * s[:, :, None], (BLOCK_N, HALF))
+    od = tl.reshape(tl.reshape(tl.load(tab_ptr + lo), (BLOCK_N, NG, GS // 2)) * s[:, :, None], (BLOCK_N, HALF))
+    return ev, od
+
+
+@triton.jit
+def _mma(acc, a, w, USE_DOT: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
+    """acc + a @ w.T: activations a [BLOCK_M, BK] times fp32 weights w [BLOCK_N, BK]."""
+    if USE_DOT:
+        wt = tl.trans(w.to(a.dtype))
+        if EMU:  # the interpreter's bf16 dot multiplies raw bits: same rounding, fp32 math
+            acc += tl.dot(a.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(a, wt, input_precision="ieee")
+        else:
+            acc += tl.dot(a, wt)
+    else:  # GEMV: broadcast-multiply-and-sum on the CUDA cores
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _qmm_step(acc, xk, w_ptr, z_ptr, tab_ptr, s, gidx, g_ok, rn, n_ok, rk, k_ok, k0, k_hi, stride_wn,
+              FMT: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+              EMU: tl.constexpr, EVEN_K: tl.constexpr):
+    """One BLOCK_K step: dequantize the tile's weights (in registers only) and accumulate."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    if FMT == 1:
+        # ---- int8: [BLOCK_N, BLOCK_K] bytes, one value each
+        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        w = tl.reshape(tl.reshape(q.to(tl.float32), (BLOCK_N, NG, GS)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        acc = _mma(acc, xk, w, USE_DOT, IEEE, EMU)
+    else:
+        # ---- 4-bit: [BLOCK_N, BLOCK_K/2] bytes, two codes each
+        rj = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, HALF), HALF), HALF)
+        if EVEN_K:
+            j_ok = tl.full((HALF,), 1, tl.int1)
+        else:
+            j_ok = rj < k_hi // 2
+        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rj[None, :], mask=n_ok[:, None] & j_ok[None, :],
+                       other=0).to(tl.int32)
+        lo = byte & 0xF
+        hi = (byte >> 4) & 0xF
+        if FMT == 0:  # int4: column 2j low nibble, 2j+1 high; w = q * s - z * s
+            zs = _zeros(z_ptr, gidx, g_ok, HAS_Z, BLOCK_N, NG) * s
+            ev = tl.reshape(tl.reshape(lo.to(tl.float32), (BLOCK_N, NG, GS // 2)) * s[:, :, None]
+                            - zs[:, :, None], (BLOCK_N, HALF))
+            od = tl.reshape(tl.reshape(hi.to(tl.float32), (BLOCK_N, NG, GS // 2)) * s[:, :, None]
+                            - zs[:, :, None], (BLOCK_N, HALF))
+        else:
+            ev, od = _lut_values(tab_ptr, hi, lo, s, BLOCK_N, NG, GS, HALF)
+        xe, xo = tl.split(tl.reshape(xk, (BLOCK_M, HALF, 2)))  # even / odd columns of x
+        acc = _mma(acc, xe, ev, USE_DOT, IEEE, EMU)
+        acc = _mma(acc, xo, od, USE_DOT, IEEE, EMU)
+    return acc
 
 
 def _qmm(x_ptr, w_ptr, s_ptr, z_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, tab_ptr, b_ptr, y_ptr,
@@ -53,21 +147,11 @@ def _qmm(x_ptr, w_ptr, s_ptr, z_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, tab_ptr, b
     n_ok = rn < N
     NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # scales per row in one tile
     GS: tl.constexpr = BLOCK_K // NG  # elements sharing one scale inside the tile
-    HALF: tl.constexpr = BLOCK_K // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        # ---- scales of the tile: [BLOCK_N, NG] (tiles start on a group boundary)
-        gk = k0 // GROUP + tl.arange(0, NG)
-        g_ok = n_ok[:, None] & (gk[None, :] < KG)
-        gidx = rn[:, None] * KG + gk[None, :]
-        if DQ:  # bitsandbytes double quantization: absmax = code2[q] * absmax2[block // 256] + offset
-            qa = tl.load(q2_ptr + gidx, mask=g_ok, other=0).to(tl.int32)
-            s = tl.load(c2_ptr + qa) * tl.load(a2_ptr + gidx // DQ_BLOCK_C, mask=g_ok, other=0.0)
-            s = s + tl.load(off_ptr)
-        else:
-            s = tl.load(s_ptr + gidx, mask=g_ok, other=0.0).to(tl.float32)
+        s, gidx, g_ok = _tile_scales(s_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, rn, n_ok, k0, KG, GROUP, NG, DQ)
         # ---- activations [BLOCK_M, BLOCK_K], contiguous along K
         rk = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
         if EVEN_K:
@@ -75,62 +159,8 @@ def _qmm(x_ptr, w_ptr, s_ptr, z_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, tab_ptr, b
         else:
             k_ok = rk < k_hi
         xk = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if FMT == 1:
-            # ---- int8: [BLOCK_N, BLOCK_K] bytes, one value each
-            q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            w = tl.reshape(tl.reshape(q.to(tl.float32), (BLOCK_N, NG, GS)) * s[:, :, None], (BLOCK_N, BLOCK_K))
-            if USE_DOT:
-                wt = tl.trans(w.to(xk.dtype))
-                if EMU:  # the interpreter's bf16 dot multiplies raw bits: same rounding, fp32 math
-                    acc += tl.dot(xk.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-                elif IEEE:
-                    acc += tl.dot(xk, wt, input_precision="ieee")
-                else:
-                    acc += tl.dot(xk, wt)
-            else:
-                acc += tl.sum(xk.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-        else:
-            # ---- 4-bit: [BLOCK_N, BLOCK_K/2] bytes, two codes each
-            rj = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, HALF), HALF), HALF)
-            if EVEN_K:
-                j_ok = tl.full((HALF,), 1, tl.int1)
-            else:
-                j_ok = rj < k_hi // 2
-            byte = tl.load(w_ptr + rn[:, None] * stride_wn + rj[None, :], mask=n_ok[:, None] & j_ok[None, :],
-                           other=0).to(tl.int32)
-            lo = byte & 0xF
-            hi = (byte >> 4) & 0xF
-            if FMT == 0:  # int4: column 2j low nibble, 2j+1 high; w = (q - z) * s
-                if HAS_Z:
-                    z = tl.load(z_ptr + gidx, mask=g_ok, other=0.0).to(tl.float32)
-                else:
-                    z = tl.full((BLOCK_N, NG), 8.0, tl.float32)
-                zs = z * s
-                ev = tl.reshape(tl.reshape(lo.to(tl.float32), (BLOCK_N, NG, GS // 2)) * s[:, :, None]
-                                - zs[:, :, None], (BLOCK_N, HALF))
-                od = tl.reshape(tl.reshape(hi.to(tl.float32), (BLOCK_N, NG, GS // 2)) * s[:, :, None]
-                                - zs[:, :, None], (BLOCK_N, HALF))
-            else:  # nf4/fp4 (bitsandbytes): element 2i HIGH nibble, 2i+1 low; w = table[q] * absmax
-                ev = tl.reshape(tl.reshape(tl.load(tab_ptr + hi), (BLOCK_N, NG, GS // 2)) * s[:, :, None],
-                                (BLOCK_N, HALF))
-                od = tl.reshape(tl.reshape(tl.load(tab_ptr + lo), (BLOCK_N, NG, GS // 2)) * s[:, :, None],
-                                (BLOCK_N, HALF))
-            xe, xo = tl.split(tl.reshape(xk, (BLOCK_M, HALF, 2)))  # even / odd columns of x
-            if USE_DOT:
-                evt = tl.trans(ev.to(xe.dtype))
-                odt = tl.trans(od.to(xo.dtype))
-                if EMU:
-                    acc += tl.dot(xe.to(tl.float32), evt.to(tl.float32), input_precision="ieee")
-                    acc += tl.dot(xo.to(tl.float32), odt.to(tl.float32), input_precision="ieee")
-                elif IEEE:
-                    acc += tl.dot(xe, evt, input_precision="ieee")
-                    acc += tl.dot(xo, odt, input_precision="ieee")
-                else:
-                    acc += tl.dot(xe, evt)
-                    acc += tl.dot(xo, odt)
-            else:
-                acc += tl.sum(xe.to(tl.float32)[:, None, :] * ev[None, :, :], axis=2)
-                acc += tl.sum(xo.to(tl.float32)[:, None, :] * od[None, :, :], axis=2)
+        acc = _qmm_step(acc, xk, w_ptr, z_ptr, tab_ptr, s, gidx, g_ok, rn, n_ok, rk, k_ok, k0, k_hi, stride_wn,
+                        FMT, HAS_Z, BLOCK_M, BLOCK_N, BLOCK_K, NG, GS, USE_DOT, IEEE, EMU, EVEN_K)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -152,14 +182,7 @@ def _dequant(w_ptr, s_ptr, z_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, tab_ptr, out_
     NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
     GS: tl.constexpr = BLOCK_K // NG
     HALF: tl.constexpr = BLOCK_K // 2
-    gk = k0 // GROUP + tl.arange(0, NG)
-    g_ok = n_ok[:, None] & (gk[None, :] < KG)
-    gidx = rn[:, None] * KG + gk[None, :]
-    if DQ:
-        qa = tl.load(q2_ptr + gidx, mask=g_ok, other=0).to(tl.int32)
-        s = tl.load(c2_ptr + qa) * tl.load(a2_ptr + gidx // DQ_BLOCK_C, mask=g_ok, other=0.0) + tl.load(off_ptr)
-    else:
-        s = tl.load(s_ptr + gidx, mask=g_ok, other=0.0).to(tl.float32)
+    s, gidx, g_ok = _tile_scales(s_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, rn, n_ok, k0, KG, GROUP, NG, DQ)
     rk = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
     if EVEN_K:
         ok = n_ok[:, None] & tl.full((1, BLOCK_K), 1, tl.int1)
@@ -178,32 +201,22 @@ def _dequant(w_ptr, s_ptr, z_ptr, q2_ptr, c2_ptr, a2_ptr, off_ptr, tab_ptr, out_
         byte = tl.load(w_ptr + rn[:, None] * (K // 2) + rj[None, :], mask=j_ok, other=0).to(tl.int32)
         lo = byte & 0xF
         hi = (byte >> 4) & 0xF
-        if FMT == 0:
-            if HAS_Z:
-                z = tl.load(z_ptr + gidx, mask=g_ok, other=0.0).to(tl.float32)
-            else:
-                z = tl.full((BLOCK_N, NG), 8.0, tl.float32)
+        if FMT == 0:  # w = (q - z) * s
+            z = _zeros(z_ptr, gidx, g_ok, HAS_Z, BLOCK_N, NG)
             ev = tl.reshape((tl.reshape(lo.to(tl.float32), (BLOCK_N, NG, GS // 2)) - z[:, :, None]) * s[:, :, None],
                             (BLOCK_N, HALF))
             od = tl.reshape((tl.reshape(hi.to(tl.float32), (BLOCK_N, NG, GS // 2)) - z[:, :, None]) * s[:, :, None],
                             (BLOCK_N, HALF))
         else:
-            ev = tl.reshape(tl.reshape(tl.load(tab_ptr + hi), (BLOCK_N, NG, GS // 2)) * s[:, :, None], (BLOCK_N, HALF))
-            od = tl.reshape(tl.reshape(tl.load(tab_ptr + lo), (BLOCK_N, NG, GS // 2)) * s[:, :, None], (BLOCK_N, HALF))
+            ev, od = _lut_values(tab_ptr, hi, lo, s, BLOCK_N, NG, GS, HALF)
         w = tl.reshape(tl.join(ev, od), (BLOCK_N, BLOCK_K))  # interleave: column 2j, then 2j + 1
         tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-DQ_BLOCK_C = tl.constexpr(DQ_BLOCK)  # a global the kernels may read
-
-
-def interpreting() -> bool:
-    """True when Triton was imported with TRITON_INTERPRET=1 (kernels then run on CPU tensors)."""
-    return bool(triton.knobs.runtime.interpret)
 
 
 def _check_device(device: torch.device) -> None:
-    if device.type == "cpu" and not interpreting():
+    if device.type == "cpu" and not triton_interpreting():
         raise RuntimeError("Triton kernels on CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
                            "before triton is first imported (effnb.kernels.use_interpreter() does it)")
 
@@ -239,7 +252,7 @@ def launch_qmm(fmt: int, x2: torch.Tensor, w: torch.Tensor, n: int, k: int, grou
         FMT=fmt, HAS_Z=zeros is not None, DQ=dq is not None, HAS_BIAS=bias is not None, GROUP=group,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, USE_DOT=use_dot,
         IEEE=x2.dtype == torch.float32,
-        EMU=interpreting() and x2.dtype == torch.bfloat16, EVEN_K=k % block_k == 0, **kwargs)
+        EMU=triton_interpreting() and x2.dtype == torch.bfloat16, EVEN_K=k % block_k == 0, **kwargs)
     return y if split_k == 1 else y.to(x2.dtype)
 
 

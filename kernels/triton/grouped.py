@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from effnb.torch_utils import triton_interpreting
+
 
 @triton.jit
 def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tile_end_ptr, M, K, stride_xn, stride_we, stride_wk,
@@ -72,11 +74,6 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offs_ptr, tile_end_ptr, M, K, stride
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def interpreting() -> bool:
-    """True when Triton was imported with TRITON_INTERPRET=1 (the kernel then runs on CPU tensors)."""
-    return bool(triton.knobs.runtime.interpret)
-
-
 def plan(rows: int, experts: int, k: int, m: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) for ``rows`` sorted rows over ``experts`` experts (heuristic, untuned)."""
     per_expert = rows / max(experts, 1)
@@ -99,7 +96,7 @@ def grouped_mm(xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, blocks:
         raise ValueError(f"grouped_mm needs xs and w of one dtype; got {xs.dtype} and {w.dtype}")
     if offs.shape != (w.shape[0],):
         raise ValueError(f"grouped_mm needs offs of shape [E] = [{w.shape[0]}]; got {tuple(offs.shape)}")
-    if xs.device.type == "cpu" and not interpreting():
+    if xs.device.type == "cpu" and not triton_interpreting():
         raise RuntimeError("the Triton grouped GEMM on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                            "before triton is first imported (effnb.kernels.use_interpreter() does it)")
     n, k = xs.shape
@@ -116,7 +113,7 @@ def grouped_mm(xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, blocks:
     grid = (triton.cdiv(n, bm) + e, triton.cdiv(m, bn))
     _grouped_mm_kernel[grid](xs, w, y, offs, tile_end, m, k, xs.stride(0), w.stride(0), w.stride(1), y.stride(0),
                              E=e, E_POW2=triton.next_power_of_2(e), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                             EVEN_K=k % bk == 0, EMU=interpreting() and xs.dtype == torch.bfloat16)
+                             EVEN_K=k % bk == 0, EMU=triton_interpreting() and xs.dtype == torch.bfloat16)
     return y
 
 

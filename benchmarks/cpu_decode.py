@@ -6,7 +6,9 @@
 Greedy decode of --tokens new tokens after a short prompt; all variants are timed in interleaved
 rounds (round r times every variant once) so load from other processes hits them alike; the
 median over rounds is reported, after one warm-up generation each. Ratios are against fp32 in
-the same run.
+the same run. Each variant also gets the bytes one decode step reads (effnb.measure.bytes_per_token)
+and the share of the bandwidth limit its speed reaches: tokens/s x bytes per token / the read
+bandwidth measured once in this process with the same threads (effnb.measure.read_bandwidth).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     from effnb.kernels import cpu as cpu_ext
 
     import effnb
+    from effnb.measure import bytes_per_token, read_bandwidth
     from effnb.quant.report import backend_summary
 
     record = envelope("cpu_decode", "SmolLM2-135M greedy decode on the CPU", "cpu_decode",
@@ -97,24 +100,31 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{k} {args.tokens / v[-1]:.1f}" for k, v in times.items())
               + f" tok/s (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     base = args.tokens / statistics.median(times["fp32"])
+    bandwidth = read_bandwidth("cpu")  # after the rounds: its tensor (64-256 MB) never competes with a timing
     rows = []
     print(f"SmolLM2-135M greedy decode, {args.tokens} new tokens, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds, {time.strftime('%Y-%m-%d')}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'variant':30s} {'tok/s':>7s} {'vs fp32':>8s}  backend")
+    print(f"read bandwidth {bandwidth['bytes_per_s'] / 1e9:.2f} GB/s ({bandwidth['method']}); % of limit = tok/s x "
+          "MB/token / read bandwidth (tok/s here includes the prompt's prefill, so the share reads a little low)")
+    print(f"{'variant':30s} {'tok/s':>7s} {'vs fp32':>8s} {'MB/token':>9s} {'% limit':>8s}  backend")
     cpu_ext.set_decode_threading("auto")
     for k, ts in times.items():
         tps = args.tokens / statistics.median(ts)
         calls = backend_summary(variants[k])
+        per_token = bytes_per_token(variants[k])
+        fraction = tps * per_token / bandwidth["bytes_per_s"]
         rows.append({"variant": k, "tokens_per_s": tps, "vs_fp32": tps / base, "backend_calls": calls,
-                     "spread_s": [min(ts), max(ts)]})
-        print(f"{k:30s} {tps:7.1f} {tps / base:8.2f}  {calls or ''}")
+                     "spread_s": [min(ts), max(ts)], "bytes_per_token": per_token,
+                     "read_bandwidth_bytes_per_s": bandwidth["bytes_per_s"], "bandwidth_fraction": fraction})
+        print(f"{k:30s} {tps:7.1f} {tps / base:8.2f} {per_token / 1e6:9.1f} {fraction:8.1%}  {calls or ''}")
     stats = cpu_ext.decode_threading_stats()
     print(f"decode kernels' OpenMP calls that stalled > 1 ms: {stats['stalls']}; auto mode moved to effnb's pool "
           f"{stats['switches']} times")
     if args.json:
         Path(args.json).write_text(json.dumps(finish({**record, "threads": args.threads, "tokens": args.tokens,
                                                       "rounds": args.rounds, "rows": rows,
+                                                      "read_bandwidth": bandwidth,
                                                       "threading_stats": stats}), indent=2) + "\n")
     return 0
 

@@ -56,9 +56,11 @@ def _num(x, fmt: str) -> str:
 
 
 def _cpu_decode(doc: dict) -> tuple[list, list]:
-    """benchmarks/cpu_decode.py --json: rows of variant, tokens_per_s, vs_fp32 (spread_s, backend_calls)."""
+    """benchmarks/cpu_decode.py --json: rows of variant, tokens_per_s, vs_fp32 (spread_s, bytes_per_token,
+    bandwidth_fraction, backend_calls; columns a run did not record are left out)."""
     tokens = doc.get("tokens")
-    cols = ["variant", "tok/s", "vs fp32", "fastest / slowest round (tok/s)", "kernel path"]
+    cols = ["variant", "tok/s", "vs fp32", "fastest / slowest round (tok/s)", "MB read / token",
+            "% of bandwidth limit", "kernel path"]
     rows = []
     for r in doc["rows"]:
         spread = ""  # spread_s: [fastest, slowest] seconds; a transcribed run may give tok/s per round instead
@@ -69,7 +71,10 @@ def _cpu_decode(doc: dict) -> tuple[list, list]:
         calls = r.get("backend_calls") or ""
         if isinstance(calls, dict):
             calls = ", ".join(f"{k} {v}" for k, v in sorted(calls.items()))
-        rows.append([r["variant"], _num(r["tokens_per_s"], ".1f"), _num(r["vs_fp32"], ".2f"), spread, calls])
+        per_token = r.get("bytes_per_token")
+        rows.append([r["variant"], _num(r["tokens_per_s"], ".1f"), _num(r["vs_fp32"], ".2f"), spread,
+                     _num(per_token / 1e6 if per_token else None, ".1f"), _num(r.get("bandwidth_fraction"), ".0%"),
+                     calls])
     return cols, rows
 
 

@@ -54,6 +54,10 @@ REPORT_SCHEMA: dict = {
                     "peak_memory_bytes": _INT,
                     "prefill_ms": _NUM,
                     "decode_tokens_per_s": _NUM,
+                    # optional (absent from reports written before they existed): decode's bandwidth accounting
+                    "bytes_per_token": _INT,
+                    "read_bandwidth_bytes_per_s": _NUM,
+                    "bandwidth_fraction": _NUM,
                     "flops_per_token": _NUM,
                     "quality": {
                         "type": ["object", "null"],
@@ -151,6 +155,17 @@ _METRICS: list[tuple[str, str, Callable[[dict], str]]] = [
 ]
 
 
+def _bandwidth_text(r: dict) -> str:
+    frac, per_token, bw = r.get("bandwidth_fraction"), r.get("bytes_per_token"), r.get("read_bandwidth_bytes_per_s")
+    if frac is None or not per_token or not bw:
+        return "—"
+    return f"{frac:.0%} of the {bw / per_token:,.1f} tokens/s limit ({_mb(per_token)} per token)"
+
+
+#: shown under decode speed when some row measured it: decode tokens/s x bytes per token / read bandwidth
+_BANDWIDTH_METRIC = ("decode vs bandwidth limit", "bandwidth_fraction", _bandwidth_text)
+
+
 class Report:
     """Measurements of one or more variants of a model; the first row is the baseline."""
 
@@ -223,13 +238,20 @@ class Report:
             records.append({
                 "name": r["name"], "parameters": r.get("parameters"), "weight_bytes": r.get("weight_bytes"),
                 "peak_memory_bytes": r.get("peak_memory_bytes"), "prefill_ms": r.get("prefill_ms"),
-                "decode_tokens_per_s": r.get("decode_tokens_per_s"), "quality_metric": q.get("metric"),
+                "decode_tokens_per_s": r.get("decode_tokens_per_s"), "bandwidth_fraction": r.get("bandwidth_fraction"),
+                "quality_metric": q.get("metric"),
                 "quality": q.get("value"), "flops_per_token": r.get("flops_per_token"),
                 "joules_per_token": (r.get("energy") or {}).get("joules_per_token"),
             })
         return pd.DataFrame.from_records(records).set_index("name")
 
     # ----------------------------------------------------------------- display
+
+    def _metrics(self) -> list[tuple[str, str, Callable[[dict], str]]]:
+        if all(r.get("bandwidth_fraction") is None for r in self.rows):
+            return _METRICS
+        at = [m[1] for m in _METRICS].index("decode_tokens_per_s") + 1
+        return [*_METRICS[:at], _BANDWIDTH_METRIC, *_METRICS[at:]]
 
     def _ratio_note(self, i: int, key: str) -> str:
         if i == 0:
@@ -251,7 +273,7 @@ class Report:
         """Plain-text table for terminals and logs."""
         header = ["metric", *self.names]
         lines = [header]
-        for label, key, fmt in _METRICS:
+        for label, key, fmt in self._metrics():
             lines.append([label, *[fmt(r) + self._ratio_note(i, key) for i, r in enumerate(self.rows)]])
         widths = [max(len(str(row[c])) for row in lines) for c in range(len(header))]
         out = [("  ".join(str(v).ljust(w) for v, w in zip(row, widths))).rstrip() for row in lines]
@@ -266,14 +288,17 @@ class Report:
         a = e.get("audit", {})
         where = e.get("gpu") or e.get("cpu")
         timing = (f"median of {a.get('repeats')} after {a.get('warmup')} warm-up" if a else "")
+        bw = e.get("read_bandwidth")
+        limit = (f" Decode's bandwidth limit = read bandwidth / bytes per token; read bandwidth "
+                 f"{bw['bytes_per_s'] / 1e9:.1f} GB/s: {bw['method']}." if bw else "")
         return (f"Measured {e.get('date', '?')} on {e.get('device')} ({where}), {e.get('threads')} threads, "
-                f"torch {e.get('versions', {}).get('torch')}; {timing}. Ratios are against '{self.names[0]}'.")
+                f"torch {e.get('versions', {}).get('torch')}; {timing}. Ratios are against '{self.names[0]}'.{limit}")
 
     def _repr_html_(self) -> str:
         esc = html.escape
         head = "".join(f"<th style='text-align:right'>{esc(n)}</th>" for n in self.names)
         body = []
-        for label, key, fmt in _METRICS:
+        for label, key, fmt in self._metrics():
             cells = "".join(
                 f"<td style='text-align:right'>{esc(fmt(r))}<span style='color:#2a7'>{esc(self._ratio_note(i, key))}</span></td>"
                 for i, r in enumerate(self.rows)

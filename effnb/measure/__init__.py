@@ -16,7 +16,7 @@ _LAZY = {
     "perplexity": ".quality", "snr_db": "..torch_utils", "embed": ".quality", "retrieval_recall": ".quality",
     "embedding_agreement": ".quality", "environment": ".env", "PeakMemory": ".memory",
     "count_parameters": ".memory", "weight_bytes": ".memory", "flops_per_token": ".flops",
-    "EnergyMeter": ".energy",
+    "EnergyMeter": ".energy", "read_bandwidth": ".bandwidth", "bytes_per_token": ".bandwidth",
 }
 
 __all__ = ["AuditConfig", *_LAZY]

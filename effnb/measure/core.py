@@ -176,6 +176,7 @@ def _base_row(s: _Subject, cfg: AuditConfig, wbytes: int, by_dtype: dict, by_mod
         "tokenizer": "attached or found" if s.tokenizer is not None else "none",
         "prefill_ms": None, "prefill_ms_spread": None,
         "decode_tokens": cfg.decode_tokens if causal else None, "decode_tokens_per_s": None, "decode_spread": None,
+        "bytes_per_token": None, "read_bandwidth_bytes_per_s": None, "bandwidth_fraction": None,
         "quality": None, "flops_per_token": None,
         "energy": {"joules_per_token": None, "method": "not measured", "reason": "energy measurement switched off"},
         "extra": {},
@@ -187,6 +188,7 @@ def _measure(s: _Subject, cfg: AuditConfig, reference: _Subject | None = None):
     import torch
 
     from ..torch_utils import device_of, eval_mode, trim_heap
+    from .bandwidth import decode_bandwidth
     from .flops import flops_per_token
     from .speed import energy, speed
 
@@ -217,6 +219,8 @@ def _measure(s: _Subject, cfg: AuditConfig, reference: _Subject | None = None):
                                   "method": f"weight bytes + transient peak ({peak.method})"}
             if cfg.flops and s.kind != "module":
                 row["flops_per_token"] = flops_per_token(model, s.inputs)
+        # outside the peak-memory region: the bandwidth tensor (measured once per process) is no model's memory
+        row.update(decode_bandwidth(model, row["decode_tokens_per_s"], str(device)))
     finally:
         trim_heap()  # the measurements' activations: variants measured one after another stay lean
     return row, embeddings
@@ -279,6 +283,7 @@ def compare(*models, names=None, config: AuditConfig | None = None, title: str |
     """
     from ..models import check_model, model_kind
     from ..report import Report
+    from .bandwidth import read_bandwidth
     from .env import environment
 
     if len(models) == 1 and isinstance(models[0], (list, tuple)):
@@ -306,6 +311,8 @@ def compare(*models, names=None, config: AuditConfig | None = None, title: str |
                 row["quality"]["agreement"] = embedding_agreement(base_emb, emb) | {"baseline": labels[0]}
         rows.append(row)
     env = environment(rows[0]["device"])
+    if any(r["read_bandwidth_bytes_per_s"] is not None for r in rows):
+        env["read_bandwidth"] = read_bandwidth(rows[0]["device"])  # the figure the rows used, kept from their run
     env["audit"] = cfg.to_dict()
     env["corpus"] = _data.describe()
     return Report(rows, env, title=title)

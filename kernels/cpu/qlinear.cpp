@@ -842,6 +842,23 @@ static inline double encode_block4(const float* w, int64_t k0, int64_t k1, float
     return err;
 }
 
+// Runs body(b, k0, k1, absmax of the block) over the blocks of bs elements of w[0, n) (the last
+// may be shorter) on nthreads OpenMP threads and returns the sum of what body returns (each
+// block's squared error): the one block loop of the 4-bit quantizers.
+extern "C++" {  // a template inside the extern "C" section
+template <typename Body>
+static double over_blocks(const float* w, int64_t n, int64_t bs, int nthreads, Body body) {
+    const int64_t nblocks = (n + bs - 1) / bs;
+    double total = 0.0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
+        total += body(b, k0, k1, block_absmax(w, k0, k1));
+    }
+    return total;
+}
+}  // extern "C++"
+
 // bitsandbytes' quantize_4bit arithmetic, element for element (the PyTorch reference in
 // reference.py does the same): per block absmax; scaled = clamp(w * (1 / absmax), -1, 1);
 // index = number of midpoints between sorted table values that lie below `scaled` (a
@@ -854,16 +871,10 @@ int effnb_quantize_4bit(const float* w, int64_t n, int64_t bs, const float* boun
     EFFNB_REQUIRE(n >= 0 && n % 2 == 0 && bs > 0, "effnb_quantize_4bit");
     nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
     try {
-        const int64_t nblocks = (n + bs - 1) / bs;
-        double total = 0.0;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
-        for (int64_t b = 0; b < nblocks; ++b) {
-            const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
-            const float am = block_absmax(w, k0, k1);
+        *sq_err = over_blocks(w, n, bs, nthreads, [&](int64_t b, int64_t k0, int64_t k1, float am) {
             absmax[b] = am;
-            total += encode_block4(w, k0, k1, am, bounds, order, table, packed);
-        }
-        *sq_err = total;
+            return encode_block4(w, k0, k1, am, bounds, order, table, packed);
+        });
     } catch (...) {
         return on_exception("effnb_quantize_4bit");
     }
@@ -883,12 +894,7 @@ int effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds,
     EFFNB_REQUIRE(n >= 0 && n % 2 == 0 && bs > 0 && nsteps > 0, "effnb_nf4_search");
     nthreads = team(nthreads);  // 1 in a forked child: GNU OpenMP's threads did not survive fork
     try {
-        const int64_t nblocks = (n + bs - 1) / bs;
-        double total = 0.0;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(+ : total)
-        for (int64_t b = 0; b < nblocks; ++b) {
-            const int64_t k0 = b * bs, k1 = k0 + bs < n ? k0 + bs : n;
-            const float am = block_absmax(w, k0, k1);
+        *sq_err = over_blocks(w, n, bs, nthreads, [&](int64_t b, int64_t k0, int64_t k1, float am) {
             const float inv_am = safe_inv(am);
             float best_s = am, best_e = INFINITY;
             for (int st = 0; st < nsteps; ++st) {
@@ -904,9 +910,8 @@ int effnb_nf4_search(const float* w, int64_t n, int64_t bs, const float* bounds,
                 if (e < best_e) { best_e = e; best_s = s; }
             }
             scales[b] = best_s;
-            total += encode_block4(w, k0, k1, best_s, bounds, order, table, packed);
-        }
-        *sq_err = total;
+            return encode_block4(w, k0, k1, best_s, bounds, order, table, packed);
+        });
     } catch (...) {
         return on_exception("effnb_nf4_search");
     }

@@ -21,11 +21,21 @@ import difflib
 from dataclasses import dataclass, field, fields
 
 from ..data import check_text
-from ..options import MAX_TOKENS, check_bool, check_int, check_number, did_you_mean, reject_unknown
+from ..options import (
+    MAX_TOKENS,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    did_you_mean,
+    reject_unknown,
+)
 from ..technique import TechniqueConfig
 
 PRESETS = ("attn", "attn-all", "mlp", "all")
 TASKS = ("python-api",)
+STRATEGIES = ("auto", "ddp", "fsdp")
+MAX_PROCESSES = 256
 
 
 def _did_you_mean(value, allowed) -> str:
@@ -152,10 +162,20 @@ class FinetuneConfig(TechniqueConfig):
     seed: int = field(default=0, metadata={"help": "seed for data order and dropout"})
     measure: bool = field(default=False, metadata={
         "help": "also measure speed and perplexity of the model before and after training (slower)"})
+    processes: int = field(default=1, metadata={
+        "help": "data-parallel processes (accelerate; gloo on CPUs, NCCL on GPUs); batch_size is the global batch"})
+    strategy: str = field(default="auto", metadata={
+        "help": "with processes > 1: ddp (adapters synchronised), fsdp (sharded weights and optimizer); "
+                "auto: ddp when only adapters train, fsdp for full fine-tuning", "choices": list(STRATEGIES)})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "checkpoint folder: written every checkpoint_every steps, and resumed from when it holds one"})
+    checkpoint_every: int = field(default=10, metadata={
+        "help": "steps between checkpoints in resume_from (0: only at the end)"})
     inplace: bool = field(default=False, metadata={"help": "train the given model instead of a copy", "cli": False})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._check_scale_out()
         for name in ("gradient_checkpointing", "live"):
             check_bool(name, getattr(self, name))
         for name in ("steps", "batch_size"):
@@ -186,6 +206,17 @@ class FinetuneConfig(TechniqueConfig):
         else:
             raise ValueError(f"data must be {', '.join(TASKS)}, a text, a file path or a list of texts, "
                              f"got {type(self.data).__name__}")
+
+    def _check_scale_out(self) -> None:
+        self.processes = check_int("processes", self.processes, 1, MAX_PROCESSES)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        self.checkpoint_every = _positive_int("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        if self.resume_from is not None and (not isinstance(self.resume_from, str) or not self.resume_from.strip()):
+            raise ValueError(f"resume_from must be a folder path, got {self.resume_from!r}")
+        if not isinstance(self.batch_size, bool) and isinstance(self.batch_size, int) \
+                and self.batch_size % self.processes:
+            raise ValueError(f"batch_size is the global batch and must be a multiple of processes={self.processes}, "
+                             f"got {self.batch_size}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> FinetuneConfig:

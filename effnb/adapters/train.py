@@ -167,7 +167,7 @@ def make_live_view(live: bool, title: str, steps: int):
     return WidgetMonitor(monitor)
 
 
-def _lr_lambda(warmup: int, steps: int):
+def lr_lambda(warmup: int, steps: int):
     def fn(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
@@ -250,7 +250,7 @@ def train(model, task: Task, cfg, *, plus_ratio: float | None, pad_id: int, titl
     device = device_of(model)
     data = batches(task, cfg.seq_len, cfg.batch_size, cfg.steps, cfg.seed, pad_id)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, plus_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
     history: dict = {"step": [], "train_loss": [], "aux_loss": [], "lr": [], "step_s": [], "tokens": [],
                      "eval_step": [], "eval_loss": []}
     if before_loss is not None:

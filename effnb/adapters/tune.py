@@ -79,7 +79,18 @@ def prepare(model, cfg: FinetuneConfig, token_ids: list[int] | None) -> Setup:
     plus_ratio = cfg.plus_ratio if cfg.plus_ratio is not None else lora_meta(model).get("plus_ratio")
     if plus_ratio is not None and not is_peft(model):
         raise ValueError("plus_ratio (LoRA+) needs LoRA adapters; attach them with effnb.lora(model) first")
+    _check_scale_out(model, cfg)
     return Setup(task, tok, _pad_id(tok, model), plus_ratio, cfg.name or model_name(model))
+
+
+def _check_scale_out(model, cfg: FinetuneConfig) -> None:
+    """Refused before the copy: a GPU model for forked ranks, a checkpoint folder of another run."""
+    from .distributed import check_placement, resolve_strategy
+    from .resume import check_checkpoint
+
+    check_placement(model, cfg.processes)
+    if cfg.resume_from is not None:
+        check_checkpoint(cfg, resolve_strategy(cfg, model))
 
 
 def _pad_id(tok, model) -> int:
@@ -119,7 +130,11 @@ def train_work(work, cfg: FinetuneConfig, s: Setup) -> Change:
     before_loss = TR.held_out_loss(work, s.task, cfg.seq_len, s.pad_id, max_tokens=cfg.eval_tokens)
     before_answers = TR.answers(work, s.tok, qs, cfg.max_new_tokens) if qs else []
     mode = training_mode(work)
-    run = TR.train(work, s.task, cfg, plus_ratio=s.plus_ratio, pad_id=s.pad_id, title=f"{mode} on {s.base_name}",
+    if cfg.processes > 1 or cfg.resume_from is not None:  # several processes, or checkpoints to resume from
+        from .distributed import train as train_fn
+    else:
+        train_fn = TR.train
+    run = train_fn(work, s.task, cfg, plus_ratio=s.plus_ratio, pad_id=s.pad_id, title=f"{mode} on {s.base_name}",
                    before_loss=before_loss)
     if checkpointing and hasattr(work, "gradient_checkpointing_disable"):
         work.gradient_checkpointing_disable()
@@ -167,6 +182,8 @@ def _change(work, cfg: FinetuneConfig, s: Setup, run: dict, mode: str, losses: t
         "tokens_per_s": numbers["tokens_per_s"], "train_seconds": numbers["train_seconds"],
         "peak_memory_bytes": memory[0]["total_bytes"], "memory": memory, "optimizer_groups": run["param_groups"],
         "plus_ratio": s.plus_ratio,
+        "scale_out": {"processes": cfg.processes, "strategy": run.get("strategy", "none"),
+                      "resumed_from_step": run.get("resumed_from_step", 0)},
         "live_view": run["plot"].kind if run["plot"].enabled else "none (not in a notebook, or live=False)",
     }
     title = f"{label} on {s.base_name}: loss"

@@ -310,9 +310,8 @@ class Rank:
 
     def step(self, step: int) -> None:
         """One optimizer step on this rank's slice of the global batch; rank 0 records the global loss."""
-        import torch
 
-        from .train import forward_loss, held_out_loss
+        from .train import forward_loss, held_out_loss, optimizer_step
 
         cfg, h = self.cfg, self.history
         t0 = time.perf_counter()
@@ -325,15 +324,7 @@ class Rank:
         total, lm, aux = forward_loss(self.net, xs, ys, cfg.aux_loss_coef)
         lm_sum = lm * local if local else lm.nan_to_num() * 0.0
         scaled = lm_sum * (self.world / max(count, 1.0)) + (total - lm if aux is not None else 0.0)
-        if not torch.isfinite(scaled):
-            raise FloatingPointError(f"the training loss became {scaled.item()} at step {step}; "
-                                     f"lower lr (now {cfg.lr:g}) or max_grad_norm")
-        scaled.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        optimizer_step(scaled, self, cfg, step)
         loss_sum, aux_sum = self._all_sum([float(lm_sum.detach()), float(aux.detach()) if aux is not None else 0.0])
         h["step"].append(step)
         h["train_loss"].append(loss_sum / max(count, 1.0))

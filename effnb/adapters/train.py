@@ -230,6 +230,21 @@ def forward_loss(model, xb, yb, aux_loss_coef: float):
     return out.loss + aux_loss_coef * aux, out.loss, aux
 
 
+def optimizer_step(total, run, cfg, step: int) -> None:
+    """Backpropagate ``total`` and take one optimizer step on ``run`` (its ``trainable``, ``opt`` and ``sched``):
+    a non-finite loss stops training with one line; gradients are clipped to ``cfg.max_grad_norm`` (0: off).
+    One process and each rank of several take their steps here."""
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"the training loss became {total.item()} at step {step}; "
+                                 f"lower lr (now {cfg.lr:g}) or max_grad_norm")
+    total.backward()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+
+
 def optimizer_state_bytes(opt) -> int:
     total = 0
     for state in opt.state.values():
@@ -314,15 +329,7 @@ class _Loop:
         t0 = time.perf_counter()
         xb, yb = xb.to(self.device), yb.to(self.device)
         total, loss, aux = forward_loss(self.model, xb, yb, cfg.aux_loss_coef)
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"the training loss became {total.item()} at step {step}; "
-                                     f"lower lr (now {cfg.lr:g}) or max_grad_norm")
-        total.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        optimizer_step(total, self, cfg, step)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

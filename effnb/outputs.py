@@ -7,6 +7,7 @@ import os
 import tempfile
 
 from .commands import CommandError
+from .files import write_atomic
 
 
 def _probe_file(path: str) -> None:
@@ -71,15 +72,6 @@ def write_json(report, path: str, option: str = "--json") -> None:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
             return
-        mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
-        fd, tmp = tempfile.mkstemp(prefix=".effnb-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(path, text.encode("utf-8"))
     except OSError as exc:
         raise CommandError(f"{option} {path}: could not write the report ({exc.strerror or exc})") from None

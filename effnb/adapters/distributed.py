@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from ..files import write_atomic
 from .resume import (
     START_ATTEMPTS,
     clear_stuck,
@@ -40,7 +41,6 @@ from .resume import (
     save_checkpoint,
     save_torch,
     why_failed,
-    write_atomic,
 )
 
 STEP_HOOK = None  # callable(rank, step) run by every rank after each step and its checkpoint (tests kill ranks here)

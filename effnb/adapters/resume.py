@@ -13,17 +13,9 @@ import io
 import os
 import time
 
+from ..files import write_atomic
+
 CHECKPOINT = "checkpoint.pt"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """``data`` into ``path`` whole or not at all (a temporary file renamed over it)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_torch(path: str, obj) -> None:
